@@ -1,0 +1,50 @@
+# The verbs a user types. Each creates .venv and installs the project when it is missing.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+DATASET ?= synthetic
+MODELS ?= pop sasrec
+EPOCHS ?=
+RAW_DIR ?=
+MODEL_URI ?=
+BUNDLE ?=
+
+.PHONY: setup test test-slow eval serve mlflow-ui bench lint clean
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found (set PYTHON=...)"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch first and pinned, so nothing pulls a CUDA build.
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+eval: $(STAMP)
+	$(VENV)/bin/recsys report --dataset $(DATASET) --models $(MODELS) \
+		$(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(RAW_DIR),--raw-dir $(RAW_DIR))
+
+serve: $(STAMP)
+	$(VENV)/bin/recsys serve $(if $(MODEL_URI),--model-uri $(MODEL_URI)) $(if $(BUNDLE),--bundle $(BUNDLE))
+
+mlflow-ui: $(STAMP)
+	$(VENV)/bin/recsys mlflow-ui
+
+bench: $(STAMP)
+	$(PY) tests/benchmarks/pipeline.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check recsys pipelines kernels tests
+
+clean:
+	rm -rf $(VENV) reports mlruns data/processed
