@@ -1,0 +1,205 @@
+"""Low-level raw-file access shared by every reader: plain or .gz files, checksums, and a fast
+delimited-table parser that falls back to a line-by-line scan only to locate (or skip) bad lines.
+
+Why two paths: pyarrow parses tens of millions of rows per second but cannot tell which physical
+line was malformed. Clean files (the common case) take the fast path; a file with a bad row is
+re-read line by line so the error names the exact 1-based line, or so ``on_bad_lines="skip"`` can
+drop just those lines and count them.
+"""
+
+from __future__ import annotations
+
+import ast
+import csv
+import gzip
+import hashlib
+import io
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+
+from .errors import BadInputError
+
+ON_BAD_LINES = ("error", "skip")
+
+
+def open_text(path: Path, encoding: str = "utf-8", errors: str = "strict") -> io.TextIOBase:
+    """Open a plain or gzip file as text; newline=None turns CRLF into LF transparently."""
+    path = Path(path)
+    if path.suffix == ".gz":
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding=encoding, errors=errors, newline=None)
+    return open(path, encoding=encoding, errors=errors, newline=None)
+
+
+def open_binary(path: Path):
+    path = Path(path)
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def find_variant(directory: Path, name: str) -> Path | None:
+    """``name`` or ``name.gz`` inside ``directory`` (plain first)."""
+    for candidate in (directory / name, directory / f"{name}.gz"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+@dataclass
+class BadLines:
+    """Policy for malformed lines: raise at the first one, or skip and count them per file."""
+
+    on_bad_lines: str = "error"
+    skipped: dict[str, int] = field(default_factory=dict)
+    examples: dict[str, list[int]] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.on_bad_lines not in ON_BAD_LINES:
+            raise ValueError(f"on_bad_lines must be one of {ON_BAD_LINES}, got {self.on_bad_lines!r}")
+
+    def report(self, path: Path, line: int, reason: str, text: str | None = None) -> None:
+        if self.on_bad_lines == "error":
+            raise BadInputError(path, line, reason, text)
+        name = Path(path).name
+        self.skipped[name] = self.skipped.get(name, 0) + 1
+        self.examples.setdefault(name, [])
+        if len(self.examples[name]) < 10:
+            self.examples[name].append(line)
+
+    def print_summary(self) -> None:
+        for name, count in self.skipped.items():
+            lines = ", ".join(map(str, self.examples[name]))
+            print(f"skipped {count} malformed line(s) in {name} (first lines: {lines})", file=sys.stderr)
+
+    @property
+    def total(self) -> int:
+        return sum(self.skipped.values())
+
+
+_CONVERT = {"int64": int, "float64": float, "string": str}
+_ARROW = {"int64": pa.int64(), "float64": pa.float64(), "string": pa.string()}
+
+
+def read_delimited(
+    path: Path,
+    *,
+    sep: str,
+    columns: dict[str, str],
+    bad: BadLines,
+    header: bool = False,
+    encoding: str = "utf-8",
+    quoted: bool = False,
+    keep: list[str] | None = None,
+) -> pa.Table:
+    """Read a delimited file whose rows have exactly ``len(columns)`` fields.
+
+    ``columns`` maps column name -> "int64" | "float64" | "string" in file order; ``keep`` selects
+    the columns returned. ``sep`` may be ``"::"`` (MovieLens .dat), handled by splitting on ':' and
+    dropping the empty fields in between.
+    """
+    keep = keep or list(columns)
+    try:
+        return _read_fast(path, sep, columns, header, encoding, quoted, keep)
+    except (pa.ArrowInvalid, UnicodeDecodeError):
+        return _read_scan(path, sep, columns, header, encoding, quoted, keep, bad)
+
+
+def _read_fast(path, sep, columns, header, encoding, quoted, keep) -> pa.Table:
+    names = list(columns)
+    if sep == "::":
+        # "a::b::c" split on ':' is "a", "", "b", "", "c": give the gaps throwaway names.
+        file_names = [n for i, name in enumerate(names) for n in ([name] if i == 0 else [f"_gap{i}", name])]
+        delimiter = ":"
+    elif len(sep) == 1:
+        file_names, delimiter = names, sep
+    else:
+        raise pa.ArrowInvalid("multi-character separator")  # scan path handles it
+    read = pacsv.ReadOptions(column_names=file_names, skip_rows=1 if header else 0, encoding=encoding,
+                             block_size=1 << 24)
+    parse = pacsv.ParseOptions(delimiter=delimiter, quote_char='"' if quoted else False,
+                               invalid_row_handler=lambda row: "error")
+    types = {name: _ARROW[kind] for name, kind in columns.items()}
+    convert = pacsv.ConvertOptions(column_types=types, include_columns=keep, strings_can_be_null=False,
+                                   quoted_strings_can_be_null=False)
+    table = pacsv.read_csv(path, read_options=read, parse_options=parse, convert_options=convert)
+    if any(table.column(name).null_count for name in keep):
+        raise pa.ArrowInvalid("empty numeric field")
+    return table
+
+
+def _read_scan(path, sep, columns, header, encoding, quoted, keep, bad: BadLines) -> pa.Table:
+    names, kinds = list(columns), list(columns.values())
+    converters = [_CONVERT[k] for k in kinds]
+    keep_pos = [names.index(n) for n in keep]
+    out: list[list] = [[] for _ in keep]
+    with open_binary(path) as f:
+        for line_no, text in numbered_lines(f, path, bad, encoding):
+            if header and line_no == 1:
+                continue
+            if not text.strip():
+                continue
+            fields = next(csv.reader([text], delimiter=sep)) if quoted else text.split(sep)
+            if len(fields) != len(names):
+                bad.report(path, line_no, f"expected {len(names)} fields separated by {sep!r}, found {len(fields)}", text)
+                continue
+            try:
+                values = [converters[p](fields[p]) if kinds[p] != "string" else fields[p] for p in keep_pos]
+            except ValueError as exc:
+                bad.report(path, line_no, f"bad value ({exc})", text)
+                continue
+            for column, value in zip(out, values):
+                column.append(value)
+    return pa.table({name: pa.array(col, type=_ARROW[columns[name]]) for name, col in zip(keep, out)})
+
+
+def numbered_lines(f, path: Path, bad: BadLines, encoding: str = "utf-8"):
+    """(1-based line number, decoded text without its LF/CRLF ending) from a binary file.
+
+    Decoding line by line (not through a TextIOWrapper) keeps line numbers exact even when one
+    line has bytes that are not valid in ``encoding``; such a line is reported as bad.
+    """
+    for line_no, raw in enumerate(f, 1):
+        try:
+            yield line_no, raw.decode(encoding).rstrip("\r\n")
+        except UnicodeDecodeError as exc:
+            bad.report(path, line_no, f"cannot decode as {encoding} ({exc.reason})")
+
+
+def parse_record(text: str):
+    """One JSON-lines record: strict JSON, or the Python-literal dicts of the 2014 Amazon metadata."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return ast.literal_eval(text)
+
+
+def iter_records(path: Path, bad: BadLines, encoding: str = "utf-8", want=None):
+    """Yield ``(line_no, dict)`` per non-blank line; malformed lines go through ``bad``.
+
+    ``want`` is an optional cheap text pre-filter (line -> bool) applied before parsing, so huge
+    metadata files only pay the parse cost for the lines that matter.
+    """
+    with open_binary(path) as f:
+        for line_no, text in numbered_lines(f, path, bad, encoding):
+            if not text.strip() or (want is not None and not want(text)):
+                continue
+            try:
+                record = parse_record(text)
+            except (ValueError, SyntaxError, MemoryError, RecursionError) as exc:
+                bad.report(path, line_no, f"not a JSON object or Python dict literal ({type(exc).__name__})", text)
+                continue
+            if not isinstance(record, dict):
+                bad.report(path, line_no, "record is not an object", text)
+                continue
+            yield line_no, record
