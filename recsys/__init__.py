@@ -1,0 +1,1 @@
+"""Sequential recommendation: models, losses, batching, training, evaluation, bundles, tracking and the CLI."""

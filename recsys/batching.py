@@ -1,0 +1,139 @@
+"""Turn jagged sequences into padded tensor batches, lazily, one batch at a time.
+
+Sequences stay jagged (Arrow-style offsets + values) until a batch is built, and a batch is padded only to its
+own longest row: users are bucketed by length, so an epoch does the arithmetic of the real tokens rather than of
+``batch × max_len`` (RecBole's per-prefix copies and fixed padding are what we avoid). Padding is on the left,
+so the prediction point is always the last column.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from pipelines.jagged import EvalSet, Jagged
+
+
+@dataclass
+class SequenceBatch:
+    """A left-padded batch. ``items`` (B, T) with 0 = padding; ``targets`` (B, T) is the next item at each
+    position (0 where there is none) for causal training, or None for inference."""
+
+    items: torch.Tensor
+    times: torch.Tensor
+    targets: torch.Tensor | None = None
+    user_idx: torch.Tensor | None = None
+
+    def to(self, device: torch.device | str) -> "SequenceBatch":
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return SequenceBatch(move(self.items), move(self.times), move(self.targets), move(self.user_idx))
+
+    @property
+    def padding_mask(self) -> torch.Tensor:
+        return self.items == 0
+
+
+def _left_pad(rows: list[np.ndarray], width: int, dtype) -> np.ndarray:
+    out = np.zeros((len(rows), width), dtype=dtype)
+    for i, row in enumerate(rows):
+        if len(row):
+            out[i, width - len(row) :] = row
+    return out
+
+
+def pad_histories(histories: list[tuple[np.ndarray, np.ndarray]], max_len: int) -> SequenceBatch:
+    """Inference batch from (items, times) histories: keep the most recent ``max_len`` events of each."""
+    items = [h[0][-max_len:] for h in histories]
+    times = [h[1][-max_len:] for h in histories]
+    width = max(1, max(len(r) for r in items))
+    return SequenceBatch(
+        items=torch.from_numpy(_left_pad(items, width, np.int64)),
+        times=torch.from_numpy(_left_pad(times, width, np.int64)),
+    )
+
+
+def length_bucketed_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Shuffle rows, then sort by length inside windows of 50 batches so each batch is nearly uniform in length,
+    and shuffle the batch order. Randomness comes only from ``rng`` (deterministic per seed and epoch)."""
+    order = rng.permutation(len(lengths))
+    window = batch_size * 50
+    batches = []
+    for start in range(0, len(order), window):
+        chunk = order[start : start + window]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+class CausalTrainBatches:
+    """Next-item training on every position of each sequence at once (no per-prefix copies).
+
+    A window of events e₁…e_m gives inputs e₁…e_{m−1} and targets e₂…e_m. Sequences longer than
+    ``max_len + 1`` are cut, from the most recent end, into windows of ``max_len + 1`` events that overlap by one,
+    so every training event is a target exactly once (none is dropped by truncation). Sequences of fewer than
+    two events carry no target and are skipped.
+    """
+
+    def __init__(self, users: np.ndarray, train: Jagged, max_len: int, batch_size: int):
+        self.train = train
+        self.max_len = max_len
+        self.batch_size = batch_size
+        lengths = train.lengths()
+        rows = np.flatnonzero(lengths >= 2)
+        windows = -(-(lengths[rows] - 1) // max_len)  # ceil(targets / max_len)
+        row_of = np.repeat(rows, windows)
+        nth = np.arange(len(row_of)) - np.repeat(np.cumsum(windows) - windows, windows)  # 0 = most recent
+        end = lengths[row_of] - nth * max_len
+        start = np.maximum(end - max_len - 1, 0)
+        self.starts = train.offsets[row_of] + start
+        self.ends = train.offsets[row_of] + end
+        self.users = users[row_of]
+        self.lengths = self.ends - self.starts
+
+    def num_targets(self) -> int:
+        return int((self.lengths - 1).sum())
+
+    def epoch(self, rng: np.random.Generator) -> Iterator[SequenceBatch]:
+        for rows in length_bucketed_batches(self.lengths, self.batch_size, rng):
+            items = [self.train.items[self.starts[r] : self.ends[r]] for r in rows]
+            times = [self.train.times[self.starts[r] : self.ends[r]] for r in rows]
+            width = int(self.lengths[rows].max()) - 1
+            yield SequenceBatch(
+                items=torch.from_numpy(_left_pad([x[:-1] for x in items], width, np.int64)),
+                times=torch.from_numpy(_left_pad([t[:-1] for t in times], width, np.int64)),
+                targets=torch.from_numpy(_left_pad([x[1:] for x in items], width, np.int64)),
+                user_idx=torch.from_numpy(self.users[rows].astype(np.int64)),
+            )
+
+    def __len__(self) -> int:
+        return -(-len(self.lengths) // self.batch_size)
+
+
+@dataclass
+class EvalBatch:
+    batch: SequenceBatch
+    targets: torch.Tensor            # (B,) target item per row
+    exclude: tuple[torch.Tensor, torch.Tensor]  # CSR (offsets, items) of the full history, for exclude_seen
+
+
+def eval_batches(eval_set: EvalSet, max_len: int, batch_size: int) -> Iterator[EvalBatch]:
+    """Evaluation batches in a fixed order (sorted by history length, so results never depend on batching noise)."""
+    lengths = eval_set.history.lengths()
+    order = np.argsort(lengths, kind="stable")
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        histories = [eval_set.history.row(r) for r in rows]
+        batch = pad_histories(histories, max_len)
+        batch.user_idx = torch.from_numpy(eval_set.user_idx[rows].astype(np.int64))
+        seen = [h[0] for h in histories]
+        offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+        offsets[1:] = np.cumsum([len(s) for s in seen])
+        flat = np.concatenate(seen).astype(np.int64) if offsets[-1] else np.zeros(0, dtype=np.int64)
+        yield EvalBatch(
+            batch=batch,
+            targets=torch.from_numpy(eval_set.target[rows].astype(np.int64)),
+            exclude=(torch.from_numpy(offsets), torch.from_numpy(flat)),
+        )

@@ -1,0 +1,67 @@
+"""Model bundles: what training produces and what evaluation and serving load (architecture page, "Bundle").
+
+A bundle is a directory with ``config.json`` (model name, resolved configs, dataset identity), ``weights.safetensors``
+(no pickle anywhere), ``items.parquet`` (the id map and titles) and ``metrics.json``. It is written atomically:
+a directory that has all four files was written completely.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+from safetensors.torch import load_file, save_file
+
+from pipelines.atomic import atomic_directory
+from recsys.models import SequentialModel, build_model
+
+FORMAT_VERSION = 1
+BUNDLE_FILES = ("config.json", "weights.safetensors", "items.parquet", "metrics.json")
+
+
+@dataclass
+class Bundle:
+    path: Path
+    model: SequentialModel
+    config: dict
+    items: pd.DataFrame
+    metrics: dict
+
+
+def save_bundle(out_dir: str | Path, model: SequentialModel, config: dict, items: pd.DataFrame, metrics: dict) -> Path:
+    """Write a bundle. ``config`` carries train config and dataset identity; the model's own config is added."""
+    out_dir = Path(out_dir)
+    full_config = {
+        "format_version": FORMAT_VERSION,
+        "model": model.name,
+        "model_config": model.config.model_dump(mode="json"),
+        "num_items": model.num_items,
+        **config,
+    }
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic_directory(out_dir) as tmp:
+        save_file(state, str(tmp / "weights.safetensors"))
+        columns = [c for c in ("item_idx", "item_id", "title", "popularity") if c in items.columns]
+        items[columns].to_parquet(tmp / "items.parquet", index=False)
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+        (tmp / "config.json").write_text(json.dumps(full_config, indent=2, sort_keys=True))
+    return out_dir
+
+
+def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
+    path = Path(path)
+    missing = [f for f in BUNDLE_FILES if not (path / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{path} is not a complete bundle: missing {', '.join(missing)}")
+    config = json.loads((path / "config.json").read_text())
+    if config.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: bundle format {config.get('format_version')} is not supported ({FORMAT_VERSION})")
+    model = build_model(config["model"], config["num_items"], config["model_config"])
+    model.load_state_dict(load_file(str(path / "weights.safetensors")))
+    model.to(device).eval()
+    items = pd.read_parquet(path / "items.parquet")
+    metrics = json.loads((path / "metrics.json").read_text())
+    return Bundle(path=path, model=model, config=config, items=items, metrics=metrics)

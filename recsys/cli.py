@@ -1,0 +1,151 @@
+"""The ``recsys`` command line. Other tools and tests rely on these exact forms:
+
+    recsys data build --dataset NAME [--raw-dir DIR]                       prints the processed dataset's path
+    recsys train --model NAME --dataset NAME [--raw-dir DIR] [--epochs N] [--set key=value ...] [--seed S] [--out DIR]
+    recsys evaluate --bundle DIR [--split test|valid]                       prints the metrics as JSON
+    recsys report --dataset NAME --models A B [--epochs N]                 what `make eval` runs
+    recsys mlflow-ui                                                        the MLflow dashboard on 127.0.0.1:5000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from pipelines.cli import add_data_commands
+from pipelines.errors import BadInputError, EmptyDatasetError, RawDataMissingError
+
+USER_ERRORS = (BadInputError, EmptyDatasetError, RawDataMissingError, ValueError, FileNotFoundError)
+
+
+def cmd_train(args) -> int:
+    from recsys.run import parse_overrides, train_run
+
+    result = train_run(args.model, args.dataset, raw_dir=args.raw_dir, data_root=args.data_root, epochs=args.epochs,
+                       overrides=parse_overrides(args.set), seed=args.seed, out_dir=args.out, resume=args.resume,
+                       track=not args.no_track, progress=not args.no_progress)
+    print(json.dumps({"bundle": str(result.bundle_dir), "test": result.metrics["test"],
+                      "model_version": result.model_version}, indent=2))
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from pipelines.dataset import load_dataset
+    from recsys.bundle import load_bundle
+    from recsys.evaluation import evaluate
+
+    bundle = load_bundle(args.bundle)
+    info = bundle.config["dataset"]
+    ds = load_dataset(info["path"])
+    if ds.content_hash != info["content_hash"]:
+        raise ValueError(f"dataset at {info['path']} changed since this bundle was trained "
+                         f"({ds.content_hash[:12]} != {info['content_hash'][:12]}); rebuild it with the same settings")
+    split = ds.split(info["split"])
+    eval_set = split.test if args.split == "test" else split.valid
+    batch_size = bundle.config["train_config"]["eval_batch_size"]
+    metrics = evaluate(bundle.model, eval_set, ds.num_items, bundle.config["exclude_seen"], batch_size=batch_size)
+    print(json.dumps(metrics, indent=2, sort_keys=True))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from recsys.report import run_report
+    from recsys.run import parse_overrides
+
+    out = run_report(args.dataset, args.models, raw_dir=args.raw_dir, data_root=args.data_root, epochs=args.epochs,
+                     overrides=parse_overrides(args.set), seed=args.seed, track=not args.no_track)
+    print((out / "eval.md").read_text())
+    print(f"report written to {out}/ (eval.md, eval.csv, eval.png)", file=sys.stderr)
+    return 0
+
+
+def cmd_mlflow_ui(args) -> int:
+    from recsys.tracking import tracking_uri
+
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
+               "--port", str(args.port)]
+    # mlflow's helper processes outlive a plain kill of the parent: run it in its own session, stop the group.
+    proc = subprocess.Popen(command, start_new_session=True)
+    print(f"MLflow dashboard on http://{args.host}:{args.port} (store {uri}); Ctrl-C stops it", file=sys.stderr)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait()
+        return 0
+
+
+def cmd_serve(args) -> int:
+    print("error: the REST recommendation service is not part of this release yet (tracked as issue [4])",
+          file=sys.stderr)
+    return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="recsys", description="Sequential recommendation platform")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_data_commands(sub)
+
+    def common(p):
+        p.add_argument("--raw-dir", default=None, help="directory with the raw files (offline use)")
+        p.add_argument("--data-root", default=None, help="root of data/raw and data/processed (default ./data)")
+        p.add_argument("--epochs", type=int, default=None)
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a model or training setting, e.g. --set hidden_size=128 --set lr=0.002")
+        p.add_argument("--seed", type=int, default=None)
+        p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+
+    train = sub.add_parser("train", help="train one model and write a bundle")
+    train.add_argument("--model", required=True)
+    train.add_argument("--dataset", required=True)
+    train.add_argument("--out", default=None, help="bundle directory (default runs/<dataset>/<model>)")
+    train.add_argument("--resume", action="store_true", help="continue from the last epoch checkpoint")
+    train.add_argument("--no-progress", action="store_true")
+    common(train)
+    train.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("evaluate", help="evaluate a bundle on its dataset")
+    ev.add_argument("--bundle", required=True)
+    ev.add_argument("--split", choices=["test", "valid"], default="test")
+    ev.set_defaults(func=cmd_evaluate)
+
+    rep = sub.add_parser("report", help="train and compare several models (make eval)")
+    rep.add_argument("--dataset", default="synthetic")
+    rep.add_argument("--models", nargs="+", default=["pop", "sasrec"])
+    common(rep)
+    rep.set_defaults(func=cmd_report)
+
+    ui = sub.add_parser("mlflow-ui", help="start the MLflow dashboard")
+    ui.add_argument("--host", default="127.0.0.1")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.set_defaults(func=cmd_mlflow_ui)
+
+    serve = sub.add_parser("serve", help="REST recommendation service")
+    serve.add_argument("--model-uri", default=None)
+    serve.add_argument("--bundle", default=None)
+    serve.set_defaults(func=cmd_serve)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except USER_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

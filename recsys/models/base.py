@@ -1,0 +1,76 @@
+"""The model contract (architecture page, "Model contract") and the registry.
+
+A model is an ``nn.Module`` registered under a name with a pydantic config. Score-based models implement
+``encode(batch) -> (B, D)`` and ``item_embeddings() -> (V+1, D)``; scores are ``encode @ item_embeddings.T``.
+Every model implements ``loss(batch)`` (or ``fit`` for count-based baselines). Configs are typed, serialise into
+``config.json`` and back, and are the source of the MLflow params.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+from pipelines.jagged import Jagged
+from recsys.batching import SequenceBatch
+
+MODELS: dict[str, type["SequentialModel"]] = {}
+
+
+class ModelConfig(BaseModel):
+    """Fields common to every model. Unknown keys are an error, so a typo in ``--set`` never passes silently."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_len: int = 50
+
+
+class SequentialModel(nn.Module):
+    name: ClassVar[str]
+    Config: ClassVar[type[ModelConfig]] = ModelConfig
+    # True when the model learns by gradient descent on CausalTrainBatches; False for fitted baselines.
+    trainable: ClassVar[bool] = True
+
+    def __init__(self, config: ModelConfig, num_items: int):
+        super().__init__()
+        self.config = config
+        self.num_items = num_items
+
+    def encode(self, batch: SequenceBatch) -> torch.Tensor:
+        raise NotImplementedError
+
+    def item_embeddings(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def loss(self, batch: SequenceBatch) -> torch.Tensor:
+        raise NotImplementedError
+
+    def fit(self, users: np.ndarray, train: Jagged) -> None:
+        """Closed-form fit for non-trainable baselines."""
+        raise NotImplementedError
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def register(cls: type[SequentialModel]) -> type[SequentialModel]:
+    if cls.name in MODELS:
+        raise ValueError(f"model {cls.name!r} registered twice")
+    MODELS[cls.name] = cls
+    return cls
+
+
+def model_class(name: str) -> type[SequentialModel]:
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(sorted(MODELS))}")
+    return MODELS[name]
+
+
+def build_model(name: str, num_items: int, config: dict[str, Any] | ModelConfig | None = None) -> SequentialModel:
+    cls = model_class(name)
+    if not isinstance(config, ModelConfig):
+        config = cls.Config(**(config or {}))
+    return cls(config, num_items)

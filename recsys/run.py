@@ -1,0 +1,162 @@
+"""One training run end to end: dataset → split → model → trainer → final metrics → bundle → MLflow."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipelines.build import build_dataset
+from pipelines.cli import parse_settings as parse_overrides  # noqa: F401  (one parser for --set)
+from pipelines.dataset import ProcessedDataset, load_dataset
+from recsys.bundle import save_bundle
+from recsys.evaluation import evaluate
+from recsys.models import build_model, model_class
+from recsys.trainer import TrainConfig, Trainer
+
+
+@dataclass
+class RunResult:
+    bundle_dir: Path
+    metrics: dict
+    model_version: str | None
+    run_id: str | None
+
+
+def split_overrides(model_name: str, overrides: dict[str, Any]) -> tuple[dict, dict]:
+    """Route each override to the model config or the train config; an unknown key is an error."""
+    model_fields = set(model_class(model_name).Config.model_fields)
+    train_fields = set(TrainConfig.model_fields)
+    model_over, train_over = {}, {}
+    for key, value in overrides.items():
+        if key in model_fields:
+            model_over[key] = value
+        elif key in train_fields:
+            train_over[key] = value
+        else:
+            raise ValueError(
+                f"unknown setting {key!r} for model {model_name!r}; model settings: {sorted(model_fields)}; "
+                f"training settings: {sorted(train_fields)}"
+            )
+    return model_over, train_over
+
+
+def fingerprint(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def history_rows(history: list[dict]) -> list[dict]:
+    """Per-epoch summary kept in metrics.json (enough to plot learning curves)."""
+    return [
+        {"epoch": h["epoch"], "loss": h["loss"], "seconds": h["seconds"], "valid_ndcg@10": h["valid"]["ndcg@10"],
+         "valid_hr@10": h["valid"]["hr@10"], **({"test_ndcg@10": h["test"]["ndcg@10"]} if "test" in h else {})}
+        for h in history
+    ]
+
+
+def resolve_dataset(dataset: str | Path | ProcessedDataset, *, raw_dir=None, data_root=None) -> ProcessedDataset:
+    """A loaded dataset, a processed-dataset directory, or a catalogue name (built, or reused when up to date)."""
+    if isinstance(dataset, ProcessedDataset):
+        return dataset
+    if (Path(dataset) / "manifest.json").is_file():
+        return load_dataset(dataset)
+    return load_dataset(build_dataset(str(dataset), raw_dir, data_root=data_root))
+
+
+def train_run(
+    model_name: str,
+    dataset: str | ProcessedDataset,
+    *,
+    raw_dir: str | Path | None = None,
+    data_root: str | Path | None = None,
+    epochs: int | None = None,
+    overrides: dict[str, Any] | None = None,
+    seed: int | None = None,
+    out_dir: str | Path | None = None,
+    resume: bool = False,
+    track: bool = True,
+    progress: bool = True,
+) -> RunResult:
+    ds = resolve_dataset(dataset, raw_dir=raw_dir, data_root=data_root)
+    model_over, train_over = split_overrides(model_name, overrides or {})
+    if epochs is not None:
+        train_over["epochs"] = epochs
+    if seed is not None:
+        train_over["seed"] = seed
+    train_config = TrainConfig(**train_over)
+    split = ds.split()
+    exclude_seen = train_config.exclude_seen if train_config.exclude_seen is not None else not ds.has_repeats
+    dataset_name = ds.manifest["name"]
+    out_dir = Path(out_dir) if out_dir else Path("runs") / dataset_name / model_name
+
+    import torch
+
+    torch.manual_seed(train_config.seed)
+    model = build_model(model_name, ds.num_items, model_over)
+    run_config = {
+        "train_config": train_config.model_dump(mode="json"),
+        "dataset": {"name": dataset_name, "path": str(ds.path.resolve()), "content_hash": ds.content_hash,
+                    "split": split.kind},
+        "exclude_seen": exclude_seen,
+    }
+    key = fingerprint(model_name, model.config.model_dump(mode="json"), run_config)
+    tracker = None
+    if track:
+        from recsys.tracking import Tracker
+
+        tracker = Tracker(experiment=dataset_name, run_name=model_name,
+                          tags={"model": model_name, "dataset_hash": ds.content_hash})
+        tracker.log_params({"model": model_name, "model_config": model.config.model_dump(mode="json"),
+                            "seed": train_config.seed, **run_config})
+
+    def on_epoch(record: dict) -> None:
+        valid = record["valid"]
+        summary = f"epoch {record['epoch']}: valid ndcg@10 {valid['ndcg@10']:.4f} hr@10 {valid['hr@10']:.4f}"
+        if record["loss"] is not None:
+            summary += f" loss {record['loss']:.4f} ({record['seconds']:.1f}s)"
+        print(summary, file=sys.stderr)
+        if tracker:
+            metrics = {f"valid_{k}": v for k, v in record["valid"].items()}
+            if record["loss"] is not None:
+                metrics.update(loss=record["loss"], epoch_seconds=record["seconds"])
+            tracker.log_metrics(metrics, step=record["epoch"])
+
+    trainer = Trainer(train_config, checkpoint_dir=out_dir.with_name(out_dir.name + ".checkpoints"), progress=progress)
+    status = "FAILED"
+    try:
+        result = trainer.fit(model, split, ds.num_items, exclude_seen, on_epoch=on_epoch, resume=resume,
+                             fingerprint=key, test_set=split.test)
+        eval_kw = dict(batch_size=train_config.eval_batch_size, device=trainer.device)
+        valid = evaluate(model, split.valid, ds.num_items, exclude_seen, **eval_kw)
+        test = evaluate(model, split.test, ds.num_items, exclude_seen, **eval_kw)
+        test_other = evaluate(model, split.test, ds.num_items, not exclude_seen, **eval_kw)
+        trained_epochs = [h for h in result.history if h["loss"] is not None]
+        metrics = {
+            "valid": valid,
+            "test": test,
+            f"test_exclude_seen_{'off' if exclude_seen else 'on'}": test_other,
+            "train_seconds": result.train_seconds,
+            "epochs": result.epochs,
+            "best_epoch": result.best_epoch,
+            "seconds_per_epoch": sum(h["seconds"] for h in trained_epochs) / max(len(trained_epochs), 1),
+            "stopped_because": result.stopped_because,
+            "parameters": model.num_parameters(),
+            "exclude_seen": exclude_seen,
+            "history": history_rows(result.history),
+        }
+        save_bundle(out_dir, model.cpu(), run_config, ds.items, metrics)
+        version = None
+        if tracker:
+            tracker.log_metrics(test, prefix="test_")
+            tracker.log_metrics({"train_seconds": result.train_seconds, "epochs": result.epochs,
+                                 "best_epoch": result.best_epoch, "parameters": metrics["parameters"]})
+            version = tracker.log_bundle(out_dir, model_name)
+        status = "FINISHED"
+        trainer.remove_checkpoint()
+        return RunResult(out_dir, metrics, version, tracker.run_id if tracker else None)
+    finally:
+        if tracker:
+            tracker.end(status)

@@ -1,0 +1,110 @@
+"""MLflow tracking with an embedded default store.
+
+Runs go to a SQLite file under ``mlruns/`` (artifacts beside it) unless ``MLFLOW_TRACKING_URI`` is set. Every
+training run logs its resolved config, dataset manifest hash, seed, per-epoch loss and validation metrics, the
+final metrics and the bundle, and registers a model version ``recsys-<model>``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+DEFAULT_DIR = Path("mlruns")
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(DEFAULT_DIR / 'mlflow.db').resolve()}"
+
+
+def registered_name(model_name: str) -> str:
+    return f"recsys-{model_name}"
+
+
+def _flatten(prefix: str, value, out: dict) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flatten(f"{prefix}.{k}" if prefix else k, v, out)
+    else:
+        out[prefix] = value
+
+
+def _metric_key(name: str) -> str:
+    # MLflow metric names allow letters, digits, _ - . / and spaces; '@' is not among them.
+    return name.replace("@", "_at_")
+
+
+class Tracker:
+    """One MLflow run. Import of mlflow is deferred so that code paths without tracking stay fast."""
+
+    def __init__(self, experiment: str, run_name: str, tags: dict | None = None):
+        import mlflow
+        from mlflow import MlflowClient
+
+        self.mlflow = mlflow
+        uri = tracking_uri()
+        if uri.startswith("sqlite:///"):
+            Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        mlflow.set_tracking_uri(uri)
+        self.client = MlflowClient()
+        found = self.client.get_experiment_by_name(experiment)
+        if found is None:
+            location = None
+            if "MLFLOW_TRACKING_URI" not in os.environ:
+                location = (DEFAULT_DIR / "artifacts" / experiment).resolve().as_uri()
+            experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+        else:
+            experiment_id = found.experiment_id
+        self.run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags or {})
+        self.run_id = self.run.info.run_id
+
+    def log_params(self, params: dict) -> None:
+        flat: dict = {}
+        _flatten("", params, flat)
+        self.mlflow.log_params({k: str(v)[:500] for k, v in flat.items()})
+
+    def log_metrics(self, metrics: dict, step: int | None = None, prefix: str = "") -> None:
+        numeric = {_metric_key(prefix + k): float(v) for k, v in metrics.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        self.mlflow.log_metrics(numeric, step=step)
+
+    def log_bundle(self, bundle_dir: Path, model_name: str) -> str:
+        """Log the bundle directory and register it as a new version of ``recsys-<model>``; returns the version."""
+        self.mlflow.log_artifacts(str(bundle_dir), "bundle")
+        name = registered_name(model_name)
+        if not self._registered(name):
+            self.client.create_registered_model(name)
+        version = self.client.create_model_version(
+            name, source=f"{self.run.info.artifact_uri}/bundle", run_id=self.run_id
+        )
+        return version.version
+
+    def _registered(self, name: str) -> bool:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.get_registered_model(name)
+            return True
+        except MlflowException:
+            return False
+
+    def end(self, status: str = "FINISHED") -> None:
+        self.mlflow.end_run(status=status)
+
+
+def set_champion(model_name: str, version: str, candidates: list[str]) -> None:
+    """Point the ``champion`` alias at ``recsys-<model>`` version ``version`` and remove it from the others,
+    so exactly one registered model carries it."""
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    mlflow.set_tracking_uri(tracking_uri())
+    client = MlflowClient()
+    for other in candidates:
+        if other != model_name:
+            try:
+                client.delete_registered_model_alias(registered_name(other), "champion")
+            except MlflowException:
+                pass
+    client.set_registered_model_alias(registered_name(model_name), "champion", version)

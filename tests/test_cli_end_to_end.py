@@ -1,0 +1,116 @@
+"""The command line end to end on a small synthetic dataset: build → train (MLflow) → evaluate → report,
+and a training process killed mid-run that resumes to the same result as an uninterrupted one."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from recsys.cli import main
+
+SMALL = ["--set", "num_users=300", "--set", "num_items=120"]
+
+
+@pytest.fixture
+def small_dataset(tmp_path, capsys) -> Path:
+    assert main(["data", "build", "--dataset", "synthetic", *SMALL]) == 0
+    path = Path(capsys.readouterr().out.strip())
+    assert (path / "manifest.json").is_file()
+    return path
+
+
+def test_train_evaluate_and_mlflow_registration(small_dataset, tmp_path, capsys):
+    out = tmp_path / "bundle"
+    code = main(["train", "--model", "sasrec", "--dataset", str(small_dataset), "--epochs", "2", "--seed", "7",
+                 "--out", str(out), "--set", "hidden_size=16", "--set", "lr=0.005", "--no-progress"])
+    assert code == 0
+    capsys.readouterr()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["epochs"] == 2 and metrics["train_seconds"] > 0
+    for key in ("ndcg@10", "hr@10", "mrr", "coverage@10"):
+        assert 0 <= metrics["test"][key] <= 1
+
+    assert main(["evaluate", "--bundle", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out) == metrics["test"]
+    assert main(["evaluate", "--bundle", str(out), "--split", "valid"]) == 0
+    assert json.loads(capsys.readouterr().out) == metrics["valid"]
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    version = client.get_latest_versions("recsys-sasrec")[0]
+    run = client.get_run(version.run_id)
+    assert run.data.params["model_config.hidden_size"] == "16"
+    assert run.data.params["seed"] == "7"
+    assert run.data.tags["dataset_hash"] == json.loads((small_dataset / "manifest.json").read_text())["content_hash"]
+    assert len(client.get_metric_history(run.info.run_id, "valid_ndcg_at_10")) == 2
+    assert run.data.metrics["test_ndcg_at_10"] == pytest.approx(metrics["test"]["ndcg@10"])
+
+
+def test_report_writes_table_csv_figure_and_sets_champion(small_dataset, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code = main(["report", "--dataset", str(small_dataset), "--models", "pop", "sasrec", "--epochs", "3",
+                 "--set", "hidden_size=16", "--set", "lr=0.005"])
+    assert code == 0
+    name = json.loads((small_dataset / "manifest.json").read_text())["name"]
+    report = tmp_path / "reports" / name
+    table = (report / "eval.md").read_text()
+    assert "| pop |" in table and "| sasrec |" in table
+    assert (report / "eval.csv").read_text().startswith("model,hr@10,ndcg@10,mrr")
+    assert (report / "eval.png").stat().st_size > 10_000
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    holders = []
+    for model in ("pop", "sasrec"):
+        try:
+            client.get_model_version_by_alias(f"recsys-{model}", "champion")
+            holders.append(model)
+        except Exception:
+            pass
+    assert len(holders) == 1 and f"**{holders[0]}**" in table
+
+
+def test_unknown_setting_is_a_clear_error(small_dataset, capsys):
+    assert main(["train", "--model", "sasrec", "--dataset", str(small_dataset), "--set", "hiden_size=3",
+                 "--no-track"]) == 2
+    assert "unknown setting 'hiden_size'" in capsys.readouterr().err
+
+
+def _train_command(dataset: Path, out: Path, extra=()) -> list[str]:
+    return [sys.executable, "-m", "recsys.cli", "train", "--model", "sasrec", "--dataset", str(dataset),
+            "--epochs", "4", "--seed", "5", "--out", str(out), "--set", "hidden_size=16", "--no-track",
+            "--no-progress", *extra]
+
+
+def test_killed_training_resumes_to_the_uninterrupted_result(small_dataset, tmp_path):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    full = tmp_path / "full"
+    subprocess.run(_train_command(small_dataset, full), check=True, env=env, capture_output=True)
+
+    killed = tmp_path / "killed"
+    checkpoint = tmp_path / "killed.checkpoints" / "last.pt"
+    proc = subprocess.Popen(_train_command(small_dataset, killed), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert checkpoint.exists() and not (killed / "metrics.json").exists()
+
+    subprocess.run(_train_command(small_dataset, killed, ["--resume"]), check=True, env=env, capture_output=True)
+    a, b = load_file(str(full / "weights.safetensors")), load_file(str(killed / "weights.safetensors"))
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+    assert json.loads((full / "metrics.json").read_text())["test"] == json.loads(
+        (killed / "metrics.json").read_text())["test"]
+    assert not checkpoint.exists()  # a finished run removes its resume point

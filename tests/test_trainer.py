@@ -1,0 +1,99 @@
+"""Trainer guarantees: seeded determinism, a resumed run equals an uninterrupted one, best-epoch restore,
+and bundles that reproduce their metrics exactly."""
+
+import pytest
+import torch
+
+from recsys.bundle import load_bundle, save_bundle
+from recsys.evaluation import evaluate
+from recsys.models import build_model
+from recsys.trainer import TrainConfig, Trainer
+from tests.helpers import toy_split
+
+MODEL = {"hidden_size": 8, "max_len": 8, "dropout": 0.3}
+
+
+def _train(tmp_path, epochs, resume=False, name="ckpt", seed=3, **extra):
+    split, num_items = toy_split()
+    torch.manual_seed(seed)
+    model = build_model("sasrec", num_items, MODEL)
+    config = TrainConfig(epochs=epochs, batch_size=16, lr=3e-3, seed=seed, patience=100, **extra)
+    result = Trainer(config, checkpoint_dir=tmp_path / name, progress=False).fit(
+        model, split, num_items, exclude_seen=True, resume=resume, fingerprint="run")
+    return model, result
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path):
+    full_model, full = _train(tmp_path, epochs=4, name="a")
+    # "killed" after epoch 2: a fresh process resumes from the checkpoint and runs to epoch 4
+    _train(tmp_path, epochs=2, name="b")
+    resumed_model, resumed = _train(tmp_path, epochs=4, resume=True, name="b", seed=3)
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
+    for key, value in full_model.state_dict().items():
+        assert torch.equal(value, resumed_model.state_dict()[key]), key
+
+
+def test_same_seed_same_weights_other_seed_differs(tmp_path):
+    a, _ = _train(tmp_path, epochs=1, name="x", seed=1)
+    b, _ = _train(tmp_path, epochs=1, name="y", seed=1)
+    c, _ = _train(tmp_path, epochs=1, name="z", seed=2)
+    assert torch.equal(a.item_embedding.weight, b.item_embedding.weight)
+    assert not torch.equal(a.item_embedding.weight, c.item_embedding.weight)
+
+
+def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path):
+    split, num_items = toy_split()
+    _train(tmp_path, epochs=1, name="c")
+    model = build_model("sasrec", num_items, MODEL)
+    trainer = Trainer(TrainConfig(epochs=2), checkpoint_dir=tmp_path / "c", progress=False)
+    with pytest.raises(ValueError, match="other settings"):
+        trainer.fit(model, split, num_items, True, resume=True, fingerprint="another run")
+
+
+def test_best_epoch_is_restored(tmp_path):
+    model, result = _train(tmp_path, epochs=5, name="d")
+    split, num_items = toy_split()
+    best = max(result.history, key=lambda h: h["valid"]["ndcg@10"])
+    assert result.best_epoch == best["epoch"]
+    assert evaluate(model, split.valid, num_items, True)["ndcg@10"] == best["valid"]["ndcg@10"]
+
+
+def test_early_stopping_stops_after_patience(tmp_path):
+    split, num_items = toy_split()
+    model = build_model("sasrec", num_items, MODEL)
+    # lr 0: nothing improves after the first epoch
+    result = Trainer(TrainConfig(epochs=50, lr=0.0, patience=2), progress=False).fit(model, split, num_items, True)
+    assert result.stopped_because == "early stopping"
+    assert result.epochs == 3
+
+
+def test_bundle_round_trip_reproduces_metrics_exactly(tmp_path):
+    import pandas as pd
+
+    model, _ = _train(tmp_path, epochs=2, name="e")
+    split, num_items = toy_split()
+    metrics = {"test": evaluate(model, split.test, num_items, True)}
+    items = pd.DataFrame({"item_idx": range(1, num_items + 1), "item_id": [f"i{i}" for i in range(1, num_items + 1)],
+                          "title": ""})
+    save_bundle(tmp_path / "bundle", model, {"exclude_seen": True}, items, metrics)
+    loaded = load_bundle(tmp_path / "bundle")
+    assert evaluate(loaded.model, split.test, num_items, True) == loaded.metrics["test"] == metrics["test"]
+    assert sorted(p.name for p in (tmp_path / "bundle").iterdir()) == [
+        "config.json", "items.parquet", "metrics.json", "weights.safetensors"]
+
+
+def test_failed_bundle_write_leaves_nothing_that_looks_complete(tmp_path, monkeypatch):
+    import pandas as pd
+
+    import recsys.bundle as bundle_module
+
+    model, _ = _train(tmp_path, epochs=1, name="f")
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(bundle_module, "save_file", boom)
+    with pytest.raises(OSError):
+        save_bundle(tmp_path / "bundle", model, {}, pd.DataFrame({"item_idx": [1], "item_id": ["a"]}), {})
+    assert not (tmp_path / "bundle").exists()
+    assert not any(p.name.startswith(".bundle") for p in tmp_path.iterdir())
