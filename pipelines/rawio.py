@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from .errors import BadInputError
@@ -77,6 +78,11 @@ class BadLines:
         if len(self.examples[name]) < 10:
             self.examples[name].append(line)
 
+    def forget(self, path: Path) -> None:
+        """Drop the counts of one file before it is re-read from the start (so no line counts twice)."""
+        self.skipped.pop(Path(path).name, None)
+        self.examples.pop(Path(path).name, None)
+
     def print_summary(self) -> None:
         for name, count in self.skipped.items():
             lines = ", ".join(map(str, self.examples[name]))
@@ -101,25 +107,34 @@ def read_delimited(
     encoding: str = "utf-8",
     quoted: bool = False,
     keep: list[str] | None = None,
+    row_check=None,
+    force_scan: bool = False,
 ) -> pa.Table:
     """Read a delimited file whose rows have exactly ``len(columns)`` fields.
 
     ``columns`` maps column name -> "int64" | "float64" | "string" in file order; ``keep`` selects
     the columns returned. ``sep`` may be ``"::"`` (MovieLens .dat), handled by splitting on ':' and
-    dropping the empty fields in between.
+    dropping the empty fields in between. ``row_check`` (kept values -> reason or None) adds a
+    per-row validation to the line-by-line path; callers that found a bad value in the fast result
+    re-read with ``force_scan=True`` so the offending line is named (or skipped) exactly.
     """
     keep = keep or list(columns)
-    try:
-        return _read_fast(path, sep, columns, header, encoding, quoted, keep)
-    except (pa.ArrowInvalid, UnicodeDecodeError):
-        return _read_scan(path, sep, columns, header, encoding, quoted, keep, bad)
+    if not force_scan:
+        try:
+            return _read_fast(path, sep, columns, header, encoding, quoted, keep)
+        except (pa.ArrowInvalid, UnicodeDecodeError):
+            pass
+    return _read_scan(path, sep, columns, header, encoding, quoted, keep, bad, row_check)
 
 
 def _read_fast(path, sep, columns, header, encoding, quoted, keep) -> pa.Table:
     names = list(columns)
+    gaps: list[str] = []
     if sep == "::":
-        # "a::b::c" split on ':' is "a", "", "b", "", "c": give the gaps throwaway names.
-        file_names = [n for i, name in enumerate(names) for n in ([name] if i == 0 else [f"_gap{i}", name])]
+        # "a::b::c" split on ':' is "a", "", "b", "", "c": give the gaps throwaway names (checked empty below,
+        # so a line with single colons is not silently misread).
+        gaps = [f"_gap{i}" for i in range(1, len(names))]
+        file_names = [names[0]] + [n for gap, name in zip(gaps, names[1:]) for n in (gap, name)]
         delimiter = ":"
     elif len(sep) == 1:
         file_names, delimiter = names, sep
@@ -129,16 +144,36 @@ def _read_fast(path, sep, columns, header, encoding, quoted, keep) -> pa.Table:
                              block_size=1 << 24)
     parse = pacsv.ParseOptions(delimiter=delimiter, quote_char='"' if quoted else False,
                                invalid_row_handler=lambda row: "error")
-    types = {name: _ARROW[kind] for name, kind in columns.items()}
-    convert = pacsv.ConvertOptions(column_types=types, include_columns=keep, strings_can_be_null=False,
+    types = {name: _ARROW[kind] for name, kind in columns.items()} | {gap: pa.string() for gap in gaps}
+    convert = pacsv.ConvertOptions(column_types=types, include_columns=keep + gaps, strings_can_be_null=False,
                                    quoted_strings_can_be_null=False)
     table = pacsv.read_csv(path, read_options=read, parse_options=parse, convert_options=convert)
     if any(table.column(name).null_count for name in keep):
         raise pa.ArrowInvalid("empty numeric field")
-    return table
+    if any(pc.any(pc.not_equal(table.column(gap), "")).as_py() for gap in gaps):
+        raise pa.ArrowInvalid("'::' separator expected")
+    if quoted and table.num_rows != _count_data_lines(path, header):
+        # An unclosed quote makes the parser swallow the following lines into one field.
+        raise pa.ArrowInvalid("row count differs from line count")
+    return table.select(keep)
 
 
-def _read_scan(path, sep, columns, header, encoding, quoted, keep, bad: BadLines) -> pa.Table:
+def _count_data_lines(path: Path, header: bool) -> int:
+    """Non-blank lines minus the header, counted in blocks. Only compared with the parsed row count: a
+    miscount (e.g. a blank line split across blocks) merely sends the file to the exact line-by-line path."""
+    newlines = blank = 0
+    tail = b"\n"  # a line "ended" just before the file, so leading blank lines count as blank
+    with open_binary(path) as f:
+        while block := f.read(1 << 24):
+            newlines += block.count(b"\n")
+            joined = tail + block
+            blank += joined.count(b"\n\n") + joined.count(b"\n\r\n")
+            tail = block[-1:]
+    lines = newlines + (0 if tail == b"\n" else 1)
+    return lines - blank - (1 if header else 0)
+
+
+def _read_scan(path, sep, columns, header, encoding, quoted, keep, bad: BadLines, row_check=None) -> pa.Table:
     names, kinds = list(columns), list(columns.values())
     converters = [_CONVERT[k] for k in kinds]
     keep_pos = [names.index(n) for n in keep]
@@ -149,7 +184,11 @@ def _read_scan(path, sep, columns, header, encoding, quoted, keep, bad: BadLines
                 continue
             if not text.strip():
                 continue
-            fields = next(csv.reader([text], delimiter=sep)) if quoted else text.split(sep)
+            try:
+                fields = next(csv.reader([text], delimiter=sep, strict=True)) if quoted else text.split(sep)
+            except csv.Error as exc:
+                bad.report(path, line_no, f"malformed quoting ({exc})", text)
+                continue
             if len(fields) != len(names):
                 bad.report(path, line_no, f"expected {len(names)} fields separated by {sep!r}, found {len(fields)}", text)
                 continue
@@ -157,6 +196,10 @@ def _read_scan(path, sep, columns, header, encoding, quoted, keep, bad: BadLines
                 values = [converters[p](fields[p]) if kinds[p] != "string" else fields[p] for p in keep_pos]
             except ValueError as exc:
                 bad.report(path, line_no, f"bad value ({exc})", text)
+                continue
+            reason = row_check(values) if row_check is not None else None
+            if reason is not None:
+                bad.report(path, line_no, reason, text)
                 continue
             for column, value in zip(out, values):
                 column.append(value)

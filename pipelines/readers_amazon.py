@@ -62,6 +62,7 @@ def read_reviews(path: Path, bad: BadLines) -> RawLog:
             explicit_schema=_REVIEW_SCHEMA, unexpected_field_behavior="ignore"))
         if any(table.column(name).null_count for name in ("reviewerID", "asin", "unixReviewTime")):
             raise pa.ArrowInvalid("missing required field")
+        table.validate(full=True)  # read_json does not check UTF-8 inside strings; the scan names the line
         frame = table.to_pandas()
     except pa.ArrowInvalid:
         frame = _scan_reviews(path, bad)

@@ -5,6 +5,7 @@ test figures never choose anything)."""
 from __future__ import annotations
 
 import csv
+import io
 import sys
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from pipelines.atomic import atomic_write_bytes  # noqa: E402
 from recsys.models import model_class  # noqa: E402
 from recsys.run import RunResult, resolve_dataset, train_run  # noqa: E402
 from recsys.trainer import TrainConfig  # noqa: E402
@@ -52,7 +54,7 @@ def write_markdown(
             f"| {r['model']} | {r['hr@10']:.4f} | {r['ndcg@10']:.4f} | {r['mrr']:.4f} | {r['train_seconds']:.1f} | "
             f"{r['seconds_per_epoch']:.2f} | {r['parameters']:,} | {r['epochs']} ({r['best_epoch']}) |"
         )
-    path.write_text("\n".join(lines) + "\n")
+    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
 
 
 def write_figure(path: Path, dataset: str, results: dict[str, RunResult]) -> None:
@@ -74,8 +76,10 @@ def write_figure(path: Path, dataset: str, results: dict[str, RunResult]) -> Non
     bars.set(title=f"{dataset}: test metrics (full ranking)")
     bars.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=110)
     plt.close(fig)
+    atomic_write_bytes(path, image.getvalue())
 
 
 def run_report(dataset: str, models: list[str], *, raw_dir=None, data_root=None, epochs: int | None = None,
@@ -92,7 +96,7 @@ def run_report(dataset: str, models: list[str], *, raw_dir=None, data_root=None,
         print(f"== training {name} on {dataset}", file=sys.stderr)
         own = {key: value for key, value in overrides.items() if key in accepted[name]}
         results[name] = train_run(name, ds, epochs=epochs, overrides=own, seed=seed,
-                                  out_dir=Path("runs") / dataset / name, track=track)
+                                  out_dir=Path("runs") / ds.manifest["name"] / name, track=track)
     rows = [result_row(name, r) for name, r in results.items()]
     champion = max(rows, key=lambda r: r["valid_ndcg@10"])["model"]
     if track:
@@ -103,9 +107,10 @@ def run_report(dataset: str, models: list[str], *, raw_dir=None, data_root=None,
     out_dir.mkdir(parents=True, exist_ok=True)
     exclude_seen = next(iter(results.values())).metrics["exclude_seen"]
     write_markdown(out_dir / "eval.md", ds.manifest["name"], ds.manifest, rows, exclude_seen, champion)
-    with open(out_dir / "eval.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_bytes(out_dir / "eval.csv", table.getvalue().encode())
     write_figure(out_dir / "eval.png", ds.manifest["name"], results)
     return out_dir

@@ -51,8 +51,9 @@ def fingerprint(*parts: Any) -> str:
 def history_rows(history: list[dict]) -> list[dict]:
     """Per-epoch summary kept in metrics.json (enough to plot learning curves)."""
     return [
-        {"epoch": h["epoch"], "loss": h["loss"], "seconds": h["seconds"], "valid_ndcg@10": h["valid"]["ndcg@10"],
-         "valid_hr@10": h["valid"]["hr@10"], **({"test_ndcg@10": h["test"]["ndcg@10"]} if "test" in h else {})}
+        {"epoch": h["epoch"], "loss": h["loss"], "seconds": h["seconds"], "elapsed": h.get("elapsed", h["seconds"]),
+         "valid_ndcg@10": h["valid"]["ndcg@10"], "valid_hr@10": h["valid"]["hr@10"],
+         **({"test_ndcg@10": h["test"]["ndcg@10"], "test_hr@10": h["test"]["hr@10"]} if "test" in h else {})}
         for h in history
     ]
 

@@ -33,13 +33,15 @@ SELECTION_METRIC = "ndcg@10"
 
 class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    epochs: int = 200
+    # Defaults measured on Amazon Beauty (README): cosine decay over 40 epochs from 2e-3 beats a constant 1e-3
+    # both in quality and in time to reach it; ``epochs`` is also the cosine horizon.
+    epochs: int = 40
     batch_size: int = 128
-    lr: float = 1e-3
+    lr: float = 2e-3
     optimizer: Literal["adam", "adamw"] = "adam"
     # "cosine" decays the learning rate per epoch from lr to lr/20 over ``epochs`` (a function of the epoch alone,
     # so a resumed run follows the same schedule)
-    lr_schedule: Literal["constant", "cosine"] = "constant"
+    lr_schedule: Literal["constant", "cosine"] = "cosine"
     betas: tuple[float, float] = (0.9, 0.98)
     weight_decay: float = 0.0
     grad_clip: float | None = 5.0
