@@ -76,11 +76,13 @@ def default_data_root() -> Path:
     return Path(os.environ.get("RECSYS_DATA_ROOT", "data"))
 
 
-def resolve_settings(recipe: str, settings: dict[str, Any]) -> dict[str, Any]:
-    """Defaults + overrides; an unknown key is an error that lists the accepted ones."""
+def resolve_settings(recipe: str, settings: dict[str, Any], entry: dict | None = None) -> dict[str, Any]:
+    """Defaults (the catalogue entry's ``settings`` override the generic ones) + overrides; an unknown key is an
+    error that lists the accepted ones."""
     accepted = dict(CLEANING_DEFAULTS)
     if recipe == "synthetic":
         accepted.update(SyntheticConfig().to_dict())
+    accepted.update((entry or {}).get("settings", {}))
     unknown = sorted(set(settings) - set(accepted))
     if unknown:
         raise ValueError(f"unknown data setting(s) {unknown} for {recipe!r}; accepted: {sorted(accepted)}")
@@ -116,15 +118,15 @@ def build_dataset(
         raise ValueError(f"unknown dataset {name!r}; catalogue: {sorted(catalogue)} (or pass --input FILE "
                          "with --user-col/--item-col/--time-col for your own log)")
     recipe = "generic" if generic is not None else catalogue[name]["reader"]
-    resolved = resolve_settings(recipe, settings)
-    defaults = resolve_settings(recipe, {})
+    entry = catalogue.get(name, {})
+    resolved = resolve_settings(recipe, settings, entry)
+    defaults = resolve_settings(recipe, {}, entry)
     changed = {k: v for k, v in resolved.items() if defaults[k] != v}
     dir_name = name if not changed or generic is not None else f"{name}-{_short_hash(changed)[:8]}"
     target = data_root / "processed" / dir_name
 
     bad = BadLines(on_bad_lines)
     started = time.perf_counter()
-    entry = catalogue.get(name, {})
     source = None if recipe == "synthetic" else _source_directory(name, entry, raw_dir, data_root, generic)
     input_hash = _input_hash(recipe, resolved, source, entry, generic)
     if not force and _is_current(target, input_hash):

@@ -190,7 +190,8 @@ def _read_scan(path, sep, columns, header, encoding, quoted, keep, bad: BadLines
                 bad.report(path, line_no, f"malformed quoting ({exc})", text)
                 continue
             if len(fields) != len(names):
-                bad.report(path, line_no, f"expected {len(names)} fields separated by {sep!r}, found {len(fields)}", text)
+                bad.report(path, line_no, f"expected {len(names)} fields separated by {sep!r}, found {len(fields)}",
+                           text)
                 continue
             try:
                 values = [converters[p](fields[p]) if kinds[p] != "string" else fields[p] for p in keep_pos]

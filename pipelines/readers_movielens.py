@@ -41,19 +41,14 @@ def read_ml100k(directory: Path, bad: BadLines) -> RawLog:
     item_path = find_variant(directory, "u.item")
     if item_path is not None:
         files.append(item_path)
-        rows = []
-        with open_binary(item_path) as f:
-            # u.item is ISO-8859-1: movie id | title | release date | video date | URL | 19 genre flags.
-            for line_no, text in numbered_lines(f, item_path, bad, "latin-1"):
-                if not text.strip():
-                    continue
-                fields = text.split("|")
-                if len(fields) != 5 + len(ML100K_GENRES) or not fields[0].isdigit():
-                    bad.report(item_path, line_no, f"expected {5 + len(ML100K_GENRES)} '|'-separated fields", text)
-                    continue
-                genres = "|".join(g for g, flag in zip(ML100K_GENRES, fields[5:]) if flag.strip() == "1")
-                rows.append((int(fields[0]), fields[1], fields[2], genres))
-        items = pd.DataFrame(rows, columns=["item_id", "title", "release_date", "genres"])
+
+        def movie(fields):  # id | title | release date | video date | URL | 19 genre flags
+            genres = "|".join(g for g, flag in zip(ML100K_GENRES, fields[5:]) if flag.strip() == "1")
+            return int(fields[0]), fields[1], fields[2], genres
+
+        # u.item is ISO-8859-1.
+        items = _read_item_lines(item_path, bad, "latin-1", "|", 5 + len(ML100K_GENRES), movie,
+                                 ["item_id", "title", "release_date", "genres"])
     return RawLog(_ratings_frame(table), _items_with_str_ids(items), files)
 
 
@@ -77,18 +72,8 @@ def read_ml_dat(directory: Path, bad: BadLines, allow_partial: bool = True) -> R
     movies_path = find_variant(directory, "movies.dat")
     if movies_path is not None:
         files.append(movies_path)
-        rows = []
-        encoding = _guess_encoding(movies_path)
-        with open_binary(movies_path) as f:
-            for line_no, text in numbered_lines(f, movies_path, bad, encoding):
-                if not text.strip():
-                    continue
-                fields = text.split("::")
-                if len(fields) != 3 or not fields[0].isdigit():
-                    bad.report(movies_path, line_no, "expected MovieID::Title::Genres", text)
-                    continue
-                rows.append((int(fields[0]), fields[1], fields[2]))
-        items = pd.DataFrame(rows, columns=["item_id", "title", "genres"])
+        items = _read_item_lines(movies_path, bad, _guess_encoding(movies_path), "::", 3,
+                                 lambda f: (int(f[0]), f[1], f[2]), ["item_id", "title", "genres"])
     return RawLog(_ratings_frame(table), _items_with_str_ids(items), files, warnings)
 
 
@@ -106,6 +91,22 @@ def read_ml_csv(directory: Path, bad: BadLines) -> RawLog:
                                 columns={"item_id": "int64", "title": "string", "genres": "string"})
         items = movies.to_pandas()
     return RawLog(_ratings_frame(table), _items_with_str_ids(items), files)
+
+
+def _read_item_lines(path: Path, bad: BadLines, encoding: str, sep: str, n_fields: int, make_row,
+                     columns: list[str]) -> pd.DataFrame:
+    """Movie metadata lines (``sep``-separated, first field the numeric id) → one row per movie."""
+    rows = []
+    with open_binary(path) as f:
+        for line_no, text in numbered_lines(f, path, bad, encoding):
+            if not text.strip():
+                continue
+            fields = text.split(sep)
+            if len(fields) != n_fields or not fields[0].isdigit():
+                bad.report(path, line_no, f"expected {n_fields} {sep!r}-separated fields starting with the id", text)
+                continue
+            rows.append(make_row(fields))
+    return pd.DataFrame(rows, columns=columns)
 
 
 def _guess_encoding(path: Path) -> str:

@@ -78,7 +78,8 @@ def temporal_split(user_idx: np.ndarray, sequences: Jagged, valid_cutoff: int, t
     return Split("temporal", train_users, train, valid, test)
 
 
-def default_temporal_cutoffs(times: np.ndarray, valid_quantile: float = 0.8, test_quantile: float = 0.9) -> tuple[int, int]:
+def default_temporal_cutoffs(times: np.ndarray, valid_quantile: float = 0.8,
+                             test_quantile: float = 0.9) -> tuple[int, int]:
     """Cutoffs at quantiles of all timestamps (recorded in the manifest at build time)."""
     if len(times) == 0:
         return 0, 0
