@@ -51,7 +51,8 @@ def test_sasrec_learns_the_stride_pattern():
     torch.manual_seed(0)
     model = build_model("sasrec", num_items, {"hidden_size": 16, "max_len": 10, "dropout": 0.1})
     before = evaluate(model, split.test, num_items, exclude_seen=False)
-    Trainer(TrainConfig(epochs=15, lr=5e-3, batch_size=32), progress=False).fit(model, split, num_items, False)
+    config = TrainConfig(epochs=15, lr=5e-3, batch_size=32, lr_schedule="constant")
+    Trainer(config, progress=False).fit(model, split, num_items, False)
     after = evaluate(model, split.test, num_items, exclude_seen=False)
     assert after["hr@1"] > 0.8 > before["hr@10"]
 

@@ -13,20 +13,31 @@ from tests.helpers import toy_split
 MODEL = {"hidden_size": 8, "max_len": 8, "dropout": 0.3}
 
 
-def _train(tmp_path, epochs, resume=False, name="ckpt", seed=3, **extra):
+class Killed(Exception):
+    pass
+
+
+def _train(tmp_path, epochs, resume=False, name="ckpt", seed=3, kill_after=None, **extra):
     split, num_items = toy_split()
     torch.manual_seed(seed)
     model = build_model("sasrec", num_items, MODEL)
     config = TrainConfig(epochs=epochs, batch_size=16, lr=3e-3, seed=seed, patience=100, **extra)
+
+    def on_epoch(record):
+        # called before the epoch's checkpoint is written: dying at epoch k+1 leaves the checkpoint of epoch k
+        if kill_after is not None and record["epoch"] == kill_after + 1:
+            raise Killed
+
     result = Trainer(config, checkpoint_dir=tmp_path / name, progress=False).fit(
-        model, split, num_items, exclude_seen=True, resume=resume, fingerprint="run")
+        model, split, num_items, exclude_seen=True, resume=resume, fingerprint="run", on_epoch=on_epoch)
     return model, result
 
 
 def test_resumed_run_equals_uninterrupted_run(tmp_path):
     full_model, full = _train(tmp_path, epochs=4, name="a")
-    # "killed" after epoch 2: a fresh process resumes from the checkpoint and runs to epoch 4
-    _train(tmp_path, epochs=2, name="b")
+    # killed during epoch 3 (same settings, so the same cosine schedule): resuming continues after epoch 2
+    with pytest.raises(Killed):
+        _train(tmp_path, epochs=4, name="b", kill_after=2)
     resumed_model, resumed = _train(tmp_path, epochs=4, resume=True, name="b", seed=3)
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
     for key, value in full_model.state_dict().items():
