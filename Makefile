@@ -11,7 +11,7 @@ RAW_DIR ?=
 MODEL_URI ?=
 BUNDLE ?=
 
-.PHONY: setup test test-slow eval serve mlflow-ui bench lint clean
+.PHONY: setup test test-slow test-triton eval serve mlflow-ui bench lint clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found (set PYTHON=...)"; exit 1; }
@@ -29,6 +29,11 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
+
+# Triton kernels' parity tests on the CPU through Triton's interpreter (installs the optional triton extra).
+test-triton: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[dev,triton]'
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -m triton
 
 eval: $(STAMP)
 	$(VENV)/bin/recsys report --dataset $(DATASET) --models $(MODELS) \

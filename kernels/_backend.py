@@ -1,10 +1,47 @@
-"""Backend selection shared by every operator."""
+"""Backend selection shared by every operator.
 
-BACKENDS = ("auto", "reference", "torch")
+``reference`` is the readable specification (often a plain loop), ``torch`` the vectorised/chunked path that runs
+anywhere, ``triton`` the GPU kernel. ``auto`` picks Triton only for CUDA tensors when Triton is installed (and the
+operator has a Triton kernel), the torch path otherwise. Triton kernels also run on CPU tensors under Triton's
+interpreter (``TRITON_INTERPRET=1``), which is how their parity tests run on machines without a GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+BACKENDS = ("auto", "reference", "torch", "triton")
 
 
-def resolve_backend(backend: str) -> str:
-    """Map ``auto`` to the fastest available backend; reject unknown names with the list of valid ones."""
+@functools.cache
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def resolve_backend(backend: str, *tensors: torch.Tensor, has_triton: bool = False) -> str:
+    """Map ``auto`` to a concrete backend; reject unknown names and impossible requests with a clear message."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
-    return "torch" if backend == "auto" else backend
+    on_cuda = any(t is not None and t.is_cuda for t in tensors)
+    if backend == "auto":
+        return "triton" if has_triton and on_cuda and triton_available() else "torch"
+    if backend == "triton":
+        if not has_triton:
+            raise ValueError("this operator has no Triton kernel; use backend='torch' or 'auto'")
+        if not triton_available():
+            raise ValueError("backend='triton' needs the triton package (pip install -e '.[triton]')")
+        if not on_cuda and not triton_interpreted():
+            raise ValueError("backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors")
+    return backend
