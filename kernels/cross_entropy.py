@@ -80,7 +80,7 @@ def linear_cross_entropy(
     ``item_table`` is (V, d); logits are ``hidden @ item_table.T``. Returns a scalar; 0 (with a gradient path)
     when every row is ignored.
     """
-    backend = resolve_backend(backend)
+    backend = resolve_backend(backend, hidden, item_table, has_triton=True)
     if hidden.ndim != 2 or item_table.ndim != 2 or hidden.shape[1] != item_table.shape[1]:
         raise ValueError(
             f"expected hidden (N, d) and item_table (V, d), got {tuple(hidden.shape)}, {tuple(item_table.shape)}"
@@ -92,4 +92,8 @@ def linear_cross_entropy(
         return hidden.sum() * 0.0 + item_table.sum() * 0.0
     if backend == "reference":
         return F.cross_entropy(hidden.float() @ item_table.float().T, targets)
+    if backend == "triton":
+        from kernels._triton_cross_entropy import TritonLinearCrossEntropy
+
+        return TritonLinearCrossEntropy.apply(hidden, item_table, targets)
     return _ChunkedLinearCrossEntropy.apply(hidden, item_table, targets, int(chunk_size))

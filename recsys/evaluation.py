@@ -13,12 +13,10 @@ MRR@K = 1[rank ≤ K]/rank; coverage@K = |∪ top-K lists| / V.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 
-from kernels.topk import exclusion_pairs
+from kernels.topk import target_ranks, topk_scores
 from pipelines.jagged import EvalSet
 from recsys.batching import eval_batches
 from recsys.models.base import SequentialModel
@@ -49,59 +47,16 @@ def rank_and_top(
     k: int,
     item_chunk: int = ITEM_CHUNK,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Target ranks (float, inf when excluded) and top-k item ids for each query, over item chunks.
+    """Target ranks (float, inf when excluded) and top-k item ids per query, through ``kernels.topk``.
 
-    ``table`` includes the padding row 0, which is never ranked. The target's score is read from the same
-    matmul that scores the other items (a separately computed dot product can differ in the last bit and
-    break ties the wrong way); with several chunks that takes a second pass over the catalogue.
+    ``table`` includes the padding row 0, which is never ranked: the kernels see items 1..V as rows 0..V-1.
     """
-    n_items, n_queries = table.shape[0], queries.shape[0]
-    device = queries.device
-    rows = cols = None
-    target_excluded = torch.zeros(n_queries, dtype=torch.bool, device=device)
+    items = table[1:]
     if exclude is not None:
-        rows, cols = exclusion_pairs(exclude, n_queries)
-        rows, cols = rows.to(device), cols.to(device)
-        target_excluded[rows[cols == targets[rows]]] = True
-    chunks = [(start, min(start + item_chunk, n_items)) for start in range(0, n_items, item_chunk)]
-
-    def scores_of(start: int, stop: int) -> torch.Tensor:
-        return (queries @ table[start:stop].T).float()
-
-    def mask(scores: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        if start == 0:
-            scores[:, 0] = float("-inf")
-        if rows is not None:
-            inside = (cols >= start) & (cols < stop)
-            scores[rows[inside], cols[inside] - start] = float("-inf")
-        return scores
-
-    target_scores = torch.empty(n_queries, device=device)
-    best_scores = best_idx = None
-    for start, stop in chunks:
-        scores = scores_of(start, stop)
-        here = (targets >= start) & (targets < stop)
-        target_scores[here] = scores[here, targets[here] - start]
-        scores = mask(scores, start, stop)
-        if len(chunks) == 1:
-            better = (scores >= target_scores[:, None]).sum(dim=1)
-        chunk_scores, chunk_idx = torch.topk(scores, min(k, stop - start), dim=1)
-        chunk_idx += start
-        if best_scores is None:
-            best_scores, best_idx = chunk_scores, chunk_idx
-        else:
-            merged = torch.cat([best_scores, chunk_scores], 1)
-            order = torch.topk(merged, min(k, merged.shape[1]), dim=1).indices
-            best_scores = torch.gather(merged, 1, order)
-            best_idx = torch.gather(torch.cat([best_idx, chunk_idx], 1), 1, order)
-    if len(chunks) > 1:
-        better = torch.zeros(n_queries, dtype=torch.long, device=device)
-        for start, stop in chunks:
-            better += (mask(scores_of(start, stop), start, stop) >= target_scores[:, None]).sum(dim=1)
-    # ``better`` counted the target itself (s ≥ s); that makes it the 1-based rank.
-    ranks = better.double()
-    ranks[target_excluded | ~torch.isfinite(target_scores)] = math.inf
-    return ranks, best_idx
+        exclude = (exclude[0], torch.as_tensor(exclude[1]) - 1)
+    ranks = target_ranks(queries, items, targets - 1, exclude, chunk_size=item_chunk)
+    _, top = topk_scores(queries, items, min(k, items.shape[0]), exclude=exclude, chunk_size=item_chunk)
+    return ranks, top + 1
 
 
 @torch.no_grad()
