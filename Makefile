@@ -11,7 +11,7 @@ RAW_DIR ?=
 MODEL_URI ?=
 BUNDLE ?=
 
-.PHONY: setup test test-slow test-triton eval serve mlflow-ui bench lint clean
+.PHONY: setup test test-slow test-triton eval serve mlflow-ui bench bench-kernels lint clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found (set PYTHON=...)"; exit 1; }
@@ -47,6 +47,10 @@ mlflow-ui: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) tests/benchmarks/pipeline.py
+
+# Kernels against their baselines (about 6 minutes on 2 cores).
+bench-kernels: $(STAMP)
+	$(PY) tests/benchmarks/kernels.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check recsys pipelines kernels tests

@@ -9,8 +9,9 @@ Cases (issue [2]); every case runs in its own child process so its peak memory i
   chunked path also at N=8,192; the baseline at 8,192 is extrapolated linearly in N and marked as such;
 - ``topk``: chunked top-k (k=10) of 1,024 queries over 1,000,000 items vs one full matmul + ``torch.topk``.
 
-Peak memory is how far the process's peak RSS rises above the RSS it held before the operation (its inputs). Times are the best of
-``--repeats`` runs. Writes reports/benchmarks/kernels.json. Usage: ``python tests/benchmarks/kernels.py``.
+Peak memory is how far the process's peak RSS rises above the RSS it held before the operation (its inputs).
+Times are the best of ``--repeats`` runs, for the baselines too. Writes reports/benchmarks/kernels.json.
+Usage: ``python tests/benchmarks/kernels.py``.
 """
 
 from __future__ import annotations
@@ -154,10 +155,10 @@ def main() -> None:
 
     r = args.repeats
     result: dict = {}
-    fast, ref = child("selective_scan", "torch", r), child("selective_scan", "reference", 1)
+    fast, ref = child("selective_scan", "torch", r), child("selective_scan", "reference", r)
     result["selective_scan"] = {"shape": "B=256 L=200 d_inner=128 N=16, fwd+bwd", "torch": fast, "reference": ref,
                                 "speedup": ref["seconds"] / fast["seconds"], "target_speedup": 10}
-    fast, ref = child("ssd", "torch", r), child("ssd", "reference", 1)
+    fast, ref = child("ssd", "torch", r), child("ssd", "reference", r)
     result["ssd"] = {"shape": "B=256 L=200 heads=8 head_dim=16 N=16 groups=1, fwd+bwd", "torch": fast,
                      "reference": ref, "speedup": ref["seconds"] / fast["seconds"], "target_speedup": 5}
     small_fast, small_plain = child("linear_ce", "torch", r, 1024), child("linear_ce", "plain", r, 1024)
