@@ -112,6 +112,56 @@ class CausalTrainBatches:
         return -(-len(self.lengths) // self.batch_size)
 
 
+class LastPositionTrainBatches:
+    """Training at the last position only, over prefix cut points drawn afresh every epoch.
+
+    For models that look ahead inside their input (SIGMA's flip and non-causal conv, TiM4Rec's Linear(L→L) time
+    path; model-specs §4, §5 pitfalls) an all-position loss would leak each target into its own input. A cut at
+    event c of a sequence gives the input e_{max(1, c−max_len)}…e_{c−1} and the single target e_c. Every epoch
+    draws ``fraction`` of all cut points without replacement (1.0: every prefix once, in a new order); only the
+    (row, position) indices are kept, never copies of the prefixes. ``targets`` (B, T) is zero except in the last
+    column, so trainers and losses treat these batches like causal ones.
+    """
+
+    def __init__(self, users: np.ndarray, train: Jagged, max_len: int, batch_size: int, fraction: float = 1.0):
+        if not 0 < fraction <= 1:
+            raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+        self.train = train
+        self.max_len = max_len
+        self.batch_size = batch_size
+        self.fraction = fraction
+        rows = train.row_ids()
+        starts = train.offsets[rows]
+        cut = np.flatnonzero(np.arange(len(rows)) > starts)  # every event but a row's first is a target
+        self.positions = cut
+        self.starts = np.maximum(starts[cut], cut - max_len)
+        self.users = users[rows[cut]]
+
+    def num_targets(self) -> int:
+        return int(round(len(self.positions) * self.fraction))
+
+    def epoch(self, rng: np.random.Generator) -> Iterator[SequenceBatch]:
+        chosen = rng.choice(len(self.positions), size=self.num_targets(), replace=False)
+        lengths = self.positions[chosen] - self.starts[chosen]
+        for rows in length_bucketed_batches(lengths, self.batch_size, rng):
+            picked = chosen[rows]
+            ends, starts = self.positions[picked], self.starts[picked]
+            width = int((ends - starts).max())
+            items = [self.train.items[s:e] for s, e in zip(starts, ends)]
+            times = [self.train.times[s:e] for s, e in zip(starts, ends)]
+            targets = np.zeros((len(picked), width), dtype=np.int64)
+            targets[:, -1] = self.train.items[ends]
+            yield SequenceBatch(
+                items=torch.from_numpy(_left_pad(items, width, np.int64)),
+                times=torch.from_numpy(_left_pad(times, width, np.int64)),
+                targets=torch.from_numpy(targets),
+                user_idx=torch.from_numpy(self.users[picked].astype(np.int64)),
+            )
+
+    def __len__(self) -> int:
+        return -(-self.num_targets() // self.batch_size)
+
+
 @dataclass
 class EvalBatch:
     batch: SequenceBatch

@@ -87,7 +87,8 @@ def train_run(
         train_over["epochs"] = epochs
     if seed is not None:
         train_over["seed"] = seed
-    train_config = TrainConfig(**train_over)
+    # the model's own training defaults (e.g. BERT4Rec's longer schedule) sit under the user's overrides
+    train_config = TrainConfig(**{**model_class(model_name).train_defaults, **train_over})
     split = ds.split()
     exclude_seen = train_config.exclude_seen if train_config.exclude_seen is not None else not ds.has_repeats
     dataset_name = ds.manifest["name"]

@@ -1,6 +1,7 @@
 """Training loop shared by every gradient-trained model.
 
-Causal models learn from every position of each sequence in one pass (``CausalTrainBatches``). Each epoch ends
+Each model chooses its training batches (``model.train_batches``): causal models learn from every position of
+each sequence in one pass, look-ahead models from sampled prefix cut points, BERT4Rec from cloze maskings. Each epoch ends
 with full-ranking validation; early stopping watches validation NDCG@10 with a patience, and the best epoch's
 weights are restored at the end. A checkpoint is written atomically after every epoch and ``resume=True``
 continues from it bit for bit: batch order comes from ``(seed, epoch)`` and the torch RNG state is saved.
@@ -24,7 +25,6 @@ from tqdm import tqdm
 
 from pipelines.jagged import EvalSet, Split
 from pipelines.atomic import atomic_write_bytes
-from recsys.batching import CausalTrainBatches
 from recsys.evaluation import evaluate
 from recsys.models.base import SequentialModel
 
@@ -138,7 +138,7 @@ class Trainer:
                 on_epoch(result.history[-1])
             return result
 
-        batches = CausalTrainBatches(split.train_users, split.train, model.config.max_len, cfg.batch_size)
+        batches = model.train_batches(split.train_users, split.train, cfg.batch_size)
         optimizer = _optimizer(model, cfg)
         best_score, best_state, bad_epochs, start_epoch, elapsed = -1.0, None, 0, 1, 0.0
         if resume and self.checkpoint_path and self.checkpoint_path.exists():
@@ -213,7 +213,7 @@ class Trainer:
             except OSError:
                 pass
 
-    def _train_epoch(self, model, optimizer, batches: CausalTrainBatches, epoch: int) -> float:
+    def _train_epoch(self, model, optimizer, batches, epoch: int) -> float:
         model.train()
         rng = np.random.default_rng([self.config.seed, epoch])
         total_loss, total_targets = 0.0, 0

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from pipelines.jagged import Jagged
-from recsys.batching import SequenceBatch
+from recsys.batching import CausalTrainBatches, SequenceBatch
 
 MODELS: dict[str, type["SequentialModel"]] = {}
 
@@ -31,8 +31,10 @@ class ModelConfig(BaseModel):
 class SequentialModel(nn.Module):
     name: ClassVar[str]
     Config: ClassVar[type[ModelConfig]] = ModelConfig
-    # True when the model learns by gradient descent on CausalTrainBatches; False for fitted baselines.
+    # True when the model learns by gradient descent; False for fitted baselines.
     trainable: ClassVar[bool] = True
+    # TrainConfig fields this model trains best with (measured; see the README's model table); --set overrides.
+    train_defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, config: ModelConfig, num_items: int):
         super().__init__()
@@ -47,6 +49,11 @@ class SequentialModel(nn.Module):
 
     def loss(self, batch: SequenceBatch) -> torch.Tensor:
         raise NotImplementedError
+
+    def train_batches(self, users: np.ndarray, train: Jagged, batch_size: int):
+        """The training batches this model learns from: an object with ``epoch(rng)`` yielding SequenceBatches
+        and ``__len__``. Causal models train on every position at once; models that look ahead override this."""
+        return CausalTrainBatches(users, train, self.config.max_len, batch_size)
 
     def fit(self, users: np.ndarray, train: Jagged) -> None:
         """Closed-form fit for non-trainable baselines."""
