@@ -100,3 +100,14 @@ def build_loss(config) -> SequenceLoss:
     if config.loss not in LOSSES:
         raise ValueError(f"unknown loss {config.loss!r}; available: {sorted(LOSSES)}")
     return LOSSES[config.loss].from_config(config)
+
+
+def supervised_loss(loss_fn: SequenceLoss, states: torch.Tensor, batch, item_table: torch.Tensor) -> torch.Tensor:
+    """``loss_fn`` at the supervised positions of per-position ``states`` (B, T, d): those where
+    ``batch.targets`` is non-zero (every position for causal batches, the last column for last-position ones)."""
+    supervised = batch.targets != 0
+    row_items = None
+    if loss_fn.needs_row_items:
+        rows = torch.nonzero(supervised)[:, 0]
+        row_items = torch.cat([batch.items, batch.targets], dim=1)[rows]
+    return loss_fn(states[supervised], batch.targets[supervised], item_table, row_items)

@@ -1,9 +1,9 @@
 """Training loop shared by every gradient-trained model.
 
 Each model chooses its training batches (``model.train_batches``): causal models learn from every position of
-each sequence in one pass, look-ahead models from sampled prefix cut points, BERT4Rec from cloze maskings. Each epoch ends
-with full-ranking validation; early stopping watches validation NDCG@10 with a patience, and the best epoch's
-weights are restored at the end. A checkpoint is written atomically after every epoch and ``resume=True``
+each sequence in one pass, look-ahead models from sampled prefix cut points, BERT4Rec from cloze maskings.
+Each epoch ends with full-ranking validation; early stopping watches validation NDCG@10 with a patience, and the
+best epoch's weights are restored at the end. A checkpoint is written atomically after every epoch and ``resume=True``
 continues from it bit for bit: batch order comes from ``(seed, epoch)`` and the torch RNG state is saved.
 """
 

@@ -15,7 +15,7 @@ from torch import nn
 from typing import Literal
 
 from kernels import attention
-from recsys.losses import build_loss
+from recsys.losses import build_loss, supervised_loss
 from recsys.models.base import ModelConfig, SequentialModel, register
 
 
@@ -116,10 +116,4 @@ class SASRec(SequentialModel):
         return self.item_embedding.weight
 
     def loss(self, batch):
-        states = self.sequence_states(batch.items)
-        supervised = batch.targets != 0
-        row_items = None
-        if self.loss_fn.needs_row_items:
-            rows = torch.nonzero(supervised)[:, 0]
-            row_items = torch.cat([batch.items, batch.targets], dim=1)[rows]
-        return self.loss_fn(states[supervised], batch.targets[supervised], self.item_embedding.weight, row_items)
+        return supervised_loss(self.loss_fn, self.sequence_states(batch.items), batch, self.item_embedding.weight)

@@ -1,0 +1,77 @@
+"""GRU4Rec with full cross-entropy: Hidasi et al., "Session-based Recommendations with Recurrent Neural Networks"
+(ICLR 2016), §3.1 (the GRU update, eq. 1-4), trained as in Hidasi & Karatzoglou, "Recurrent Neural Networks with
+Top-k Gains for Session-based Recommendations" (CIKM 2018) but with the softmax over the whole catalogue ("full
+cross-entropy", the loss every model here shares) instead of sampled negatives.
+
+Input embedding → dropout → GRU (``num_layers``) → dropout; the state after each event is the query, scored
+against the tied item table. Batches are left-padded and a GRU would read pads as inputs (its biases move the
+state even on a zero vector), so each row is shifted to the right-padded layout and packed: the GRU sees only a
+row's real events, and pads never change a score.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from recsys.losses import build_loss, supervised_loss
+from recsys.models.base import ModelConfig, SequentialModel, register
+
+
+class GRU4RecConfig(ModelConfig):
+    hidden_size: int = 64
+    num_layers: int = 1
+    dropout: float = 0.2
+    loss: Literal["ce", "bce"] = "ce"
+    num_negatives: int = 1
+
+
+def left_to_right_index(padding: torch.Tensor) -> torch.Tensor:
+    """For left-padded rows, the column holding each right-padded position (clamped for the pads at the end)."""
+    width = padding.shape[1]
+    shift = padding.sum(1, keepdim=True)  # number of leading pads
+    return (torch.arange(width, device=padding.device) + shift).clamp(max=width - 1)
+
+
+@register
+class GRU4Rec(SequentialModel):
+    name = "gru4rec"
+    Config = GRU4RecConfig
+
+    def __init__(self, config: GRU4RecConfig, num_items: int):
+        super().__init__(config, num_items)
+        d = config.hidden_size
+        self.item_embedding = nn.Embedding(num_items + 1, d, padding_idx=0)
+        self.input_dropout = nn.Dropout(config.dropout)
+        self.gru = nn.GRU(d, d, num_layers=config.num_layers, batch_first=True)
+        self.output_dropout = nn.Dropout(config.dropout)
+        self.loss_fn = build_loss(config)
+        nn.init.normal_(self.item_embedding.weight, std=0.02)
+        with torch.no_grad():
+            self.item_embedding.weight[0].zero_()
+
+    def sequence_states(self, items: torch.Tensor) -> torch.Tensor:
+        """The GRU state after every event, (B, T, d), left-padded like ``items`` (zeros at pads)."""
+        padding = items == 0
+        lengths = (~padding).sum(1)
+        to_right = left_to_right_index(padding)
+        x = self.input_dropout(self.item_embedding(items.gather(1, to_right)))
+        packed = pack_padded_sequence(x, lengths.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False)
+        out, _ = self.gru(packed)
+        out, _ = pad_packed_sequence(out, batch_first=True, total_length=items.shape[1])
+        # back to the left-padded layout: column j of a row with s leading pads is right-padded position j − s
+        back = (torch.arange(items.shape[1], device=items.device) - padding.sum(1, keepdim=True)).clamp(min=0)
+        states = out.gather(1, back[..., None].expand(-1, -1, out.shape[-1]))
+        return self.output_dropout(states.masked_fill(padding[..., None], 0.0))
+
+    def encode(self, batch):
+        return self.sequence_states(batch.items)[:, -1, :]
+
+    def item_embeddings(self):
+        return self.item_embedding.weight
+
+    def loss(self, batch):
+        return supervised_loss(self.loss_fn, self.sequence_states(batch.items), batch, self.item_embedding.weight)
