@@ -111,3 +111,13 @@ def supervised_loss(loss_fn: SequenceLoss, states: torch.Tensor, batch, item_tab
         rows = torch.nonzero(supervised)[:, 0]
         row_items = torch.cat([batch.items, batch.targets], dim=1)[rows]
     return loss_fn(states[supervised], batch.targets[supervised], item_table, row_items)
+
+
+def last_position_loss(loss_fn: SequenceLoss, hidden: torch.Tensor, batch, item_table: torch.Tensor) -> torch.Tensor:
+    """``loss_fn`` on the last column only, for look-ahead models (SIGMA, TiM4Rec): ``hidden`` (B, d) is the
+    state after the whole input, which never contains its target, and no earlier column (whose state has looked
+    ahead at later items) is ever supervised. Rows without a target (``batch.targets[:, -1] == 0``) are skipped."""
+    targets = batch.targets[:, -1]
+    rows = targets != 0
+    row_items = torch.cat([batch.items, targets[:, None]], dim=1)[rows] if loss_fn.needs_row_items else None
+    return loss_fn(hidden[rows], targets[rows], item_table, row_items)

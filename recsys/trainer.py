@@ -76,7 +76,11 @@ def resolve_device(name: str) -> torch.device:
 
 def _optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
-    return cls(model.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+    # parameters tagged _no_weight_decay (Mamba's A_log, D and dt bias, model-specs §3a) are never decayed
+    no_decay = [p for p in model.parameters() if getattr(p, "_no_weight_decay", False)]
+    decay = [p for p in model.parameters() if not getattr(p, "_no_weight_decay", False)]
+    groups = [{"params": decay}] + ([{"params": no_decay, "weight_decay": 0.0}] if no_decay else [])
+    return cls(groups, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
 
 
 def epoch_learning_rate(config: TrainConfig, epoch: int) -> float:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from pipelines.jagged import Jagged
 from pipelines.splits import leave_one_out_split
+from recsys.batching import SequenceBatch
 
 
 def toy_split(num_users: int = 60, num_items: int = 30, seed: int = 0, min_len: int = 4, max_len: int = 15):
@@ -21,3 +23,18 @@ def toy_split(num_users: int = 60, num_items: int = 30, seed: int = 0, min_len: 
     times = np.concatenate([np.arange(len(r), dtype=np.int64) * 10 for r in rows])
     sequences = Jagged.from_lengths(lengths, items, times)
     return leave_one_out_split(np.arange(num_users, dtype=np.int32), sequences), num_items
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """max|x − ref| / max|ref| in fp32: the error measure of every parity test."""
+    return ((x.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-12)).item()
+
+
+def left_padded_batch(rows, width: int, times=None) -> SequenceBatch:
+    """Rows of item ids left-padded to ``width``; timestamps default to one event a minute."""
+    items = torch.zeros(len(rows), width, dtype=torch.long)
+    stamps = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        items[i, width - len(row):] = torch.tensor(row)
+        stamps[i, width - len(row):] = torch.tensor(times[i] if times else [60 * (j + 1) for j in range(len(row))])
+    return SequenceBatch(items=items, times=stamps)

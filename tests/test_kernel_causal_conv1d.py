@@ -7,10 +7,7 @@ import pytest
 import torch
 
 from kernels.causal_conv1d import causal_conv1d
-
-
-def rel_err(x, ref):
-    return ((x.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-12)).item()
+from tests.helpers import rel_err
 
 
 def run(x, w, b, activation, backend):

@@ -10,12 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from kernels.selective_scan import selective_scan
+from tests.helpers import rel_err
 
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
-
-
-def rel_err(x, ref):
-    return ((x.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-12)).item()
 
 
 def make_inputs(batch, length, d_inner, n, seed=0, dtype=torch.float32):

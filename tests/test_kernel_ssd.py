@@ -11,12 +11,9 @@ import pytest
 import torch
 
 from kernels.ssd import segsum, ssd
+from tests.helpers import rel_err
 
 NAMES = ("x", "dt", "A", "B", "C", "D", "dt_bias", "dt_scale", "initial_state")
-
-
-def rel_err(x, ref):
-    return ((x.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-12)).item()
 
 
 def make_inputs(batch=2, length=7, heads=4, head_dim=8, groups=1, n=5, seed=0, dtype=torch.float32):

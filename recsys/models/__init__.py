@@ -1,6 +1,7 @@
 """Model registry: importing this package registers every built-in model."""
 
 from recsys.models.base import MODELS, ModelConfig, SequentialModel, build_model, model_class, register
-from recsys.models import gru4rec, pop, sasrec  # noqa: F401  (registration side effect)
+# importing a model module registers it (side effect)
+from recsys.models import bert4rec, gru4rec, mamba4rec, pop, sasrec, sigma, tim4rec  # noqa: F401
 
 __all__ = ["MODELS", "ModelConfig", "SequentialModel", "build_model", "model_class", "register"]

@@ -63,6 +63,16 @@ class SequentialModel(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
+def left_pad_positions(items: torch.Tensor, max_len: int) -> torch.Tensor:
+    """Position ids for left-padded ``items`` (B, T): the last column is ``max_len`` whatever T is, so a history
+    gets the same position embeddings at any batch width (padding never changes a score); pads get 0."""
+    width = items.shape[1]
+    if width > max_len:
+        raise ValueError(f"sequence of width {width} exceeds max_len {max_len}")
+    positions = torch.arange(max_len - width + 1, max_len + 1, device=items.device)
+    return positions.expand_as(items).masked_fill(items == 0, 0)
+
+
 def register(cls: type[SequentialModel]) -> type[SequentialModel]:
     if cls.name in MODELS:
         raise ValueError(f"model {cls.name!r} registered twice")

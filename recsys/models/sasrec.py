@@ -16,7 +16,7 @@ from typing import Literal
 
 from kernels import attention
 from recsys.losses import build_loss, supervised_loss
-from recsys.models.base import ModelConfig, SequentialModel, register
+from recsys.models.base import left_pad_positions, ModelConfig, SequentialModel, register
 
 
 class SASRecConfig(ModelConfig):
@@ -98,11 +98,7 @@ class SASRec(SequentialModel):
     def sequence_states(self, items: torch.Tensor) -> torch.Tensor:
         """F (B, T, d) for left-padded ``items`` (B, T), T ≤ max_len."""
         padding = items == 0
-        t = items.shape[1]
-        if t > self.config.max_len:
-            raise ValueError(f"sequence of width {t} exceeds max_len {self.config.max_len}")
-        positions = torch.arange(self.config.max_len - t + 1, self.config.max_len + 1, device=items.device)
-        positions = positions.expand_as(items).masked_fill(padding, 0)
+        positions = left_pad_positions(items, self.config.max_len)
         x = self.item_embedding(items) * math.sqrt(self.config.hidden_size) + self.position_embedding(positions)
         x = self.embedding_dropout(x).masked_fill(padding[..., None], 0.0)
         for block in self.blocks:

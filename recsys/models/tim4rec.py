@@ -1,0 +1,373 @@
+"""TiM4Rec: Fan et al., "TiM4Rec: An Efficient Sequential Recommendation Model Based on Time-Aware Structured State
+Space Duality Model" (2024, arXiv 2409.16182): the method section's Time-aware Structured Masked Matrix and the
+TiM4Rec layer built on it; model-specs §5, whose items the formulas below follow one by one (the paper's own
+section and equation numbers were not available to check, so they are not quoted). The SSD block is Mamba-2
+(Dao & Gu, "Transformers are SSMs", ICML 2024, §7 "Mamba-2 architecture", the SSD algorithm of §6; model-specs §3b).
+
+**Mamba-2 SSD block** (``SSDBlock``, model-specs §3b), u (B, L, d):
+
+    [z, x, B, C, dt] = in_proj(u)                  d → d_in + d_in + G·N + G·N + H, no bias (H = d_in / head_dim)
+    [x, B, C] = SiLU(causal depthwise Conv1d_K([x, B, C]))                     kernels.causal_conv1d
+    A_h = −exp(A_log_h),  Δ_{t,h} = softplus(dt_{t,h}·ρ_{t,h} + dt_bias_h)     (§5 "time-aware Δ")
+    y = SSD(x, Δ, A, B, C) + D_h·x                 kernels.ssd(dt_scale=ρ, pad_mask): the masked matrix
+                                                   L^T_ij = exp(A_h·Σ_{k=j+1..i} Δ_{k,h}), chunked, linear cost
+    out = out_proj(RMSNorm(y ⊙ SiLU(z)))           norm after the gate
+
+**Time path** (``TimePath``, model-specs §5), scalar per position and head, no d-dimensional time embedding:
+
+    δ_1 = 0, δ_t = τ_t − τ_{t−1}                   from the batch's own timestamps (seconds)
+    δ̂ = LN_L(Drop_t(δ)), repeated over the H heads → (B, H, L)        LN_L: LayerNorm over the sequence axis
+    s = W_b·SiLU(W_a·Drop_t(δ̂))                    W_a, W_b: Linear(L → L) on the sequence axis (per layer)
+    ρ = act(CConv₂(act(CConv₁(δ̂ ⊙ s))))            per-head causal depthwise convs, kernel d_conv → (B, L, H)
+    γ = σ(W_g·Drop_t(δ̂))                           W_g: Linear(L → L) with ``p2p_residual`` (a gate per position and
+                                                   head), Linear(L → 1) without (one gate per head)
+    δ̂′ = LN_L(γ·δ̂ + (1 − γ)·ρ)                     the next layer's time input
+
+``act`` is Hardswish when H % 8 ≠ 0 (the reference's nn.Conv1d fallback, which the 64-d configs hit) and SiLU
+otherwise (its fused causal-conv path); ``time_activation`` overrides the rule.
+
+**Layer** (§5 "Layer", Mamba4Rec's structure): H = LN(Drop(SSD(X)) [+ X when layers are stacked]); then the FFN
+LN(H + Drop(W₂·Drop(Hardswish(W₁·H)))), inner 4d. Embedding X = LN(Dropout(E[seq])), no positional embedding.
+Output: the state at the prediction point scores all items through the tied table E; full cross-entropy.
+
+**Fixed width and leakage** (§5 pitfalls). Linear(L → L) and LN_L mix every position, so (1) the model always
+works at width ``max_len``: a batch is left-padded to ``max_len`` inside the model, and every history therefore
+has the same layout at training and at inference (its last event in column L−1, the prediction point); and (2) the
+time path looks ahead, so TiM4Rec trains at the last position only, over prefix cut points
+(``LastPositionTrainBatches``), and ``loss`` reads only the last column. The target is never in the input.
+
+**Deviations from the reference code** (AlwaysFHao/TiM4Rec as model-specs §5 describes it; its model files were
+not available to read, so these are documented choices, not the paper's):
+
+- *Padding* (the documented §5 fix): the reference pads timestamps with 0, which puts a huge negative δ at the
+  boundary between pads and events and lets the pads into LN_L's mean and variance. Here δ = 0 at pads and at the
+  first real event, and LN_L's statistics are a masked mean / biased variance over the real positions only; its
+  output (and every time-path intermediate that a causal conv or the next LN_L reads) is zeroed at pads, so the
+  time path never reads a padded timestamp. Garbage timestamps at pads therefore never change a score.
+- *Layout*: RecBole right-pads and gathers at len−1; here rows are left-padded (the platform's layout), so the
+  position-indexed weights of Linear(L → L) and LN_L see the prediction point always in column L−1.
+- Negative gaps (unsorted timestamps) are clamped to 0.
+- ``time_log1p`` (off by default, the reference's raw seconds): δ ← log1p(δ) before LN_L. LN_L already removes the
+  unit and scale of each sequence, so log1p changes only the shape (raw gaps are heavy-tailed: one long break
+  dominates the normalised sequence). A non-reference option for tuning.
+- Init: Mamba4Rec's N(0, 0.02) on every Linear and Embedding (biases 0, LayerNorms (1, 0)), as the Mamba4Rec code
+  that TiM4Rec builds on does, keeping Mamba-2's own A_log, dt_bias and D inits and PyTorch's default Conv1d init
+  (Kaiming-normal convs with ``kaiming_init``). Consequence worth knowing when tuning: at init the time path moves
+  the scores by less than float32 resolution (s ≈ 0 from two small Linears; ρ multiplies a small dt; softplus′ at
+  dt_bias is ≈ Δ ∈ [1e-3, 1e-1]; the SSD term is small beside D·x), so the time signal is picked up only after a
+  plateau (on the tests' time-only pattern: 60-150 Adam steps at lr 1e-2).
+- The next-layer time update (γ, δ̂′) is not built after the last layer: its output would be unused.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+from torch import nn
+
+from kernels import causal_conv1d, ssd
+from recsys.batching import LastPositionTrainBatches, SequenceBatch
+from recsys.losses import build_loss, last_position_loss
+from recsys.models.base import ModelConfig, SequentialModel, register
+
+Backend = Literal["auto", "reference", "torch", "triton"]
+
+
+def _conv_backend(backend: str) -> str:
+    """The causal convolution has no Triton kernel: ``triton`` (and ``auto``) run its torch path."""
+    return backend if backend in ("reference", "torch") else "auto"
+
+
+class TiM4RecConfig(ModelConfig):
+    """Defaults: the Amazon-Beauty 64-d config of the reference (``config/config4beauty_64d.yaml``; model-specs §5)."""
+
+    max_len: int = 50
+    hidden_size: int = 64
+    num_layers: int = 2
+    dropout: float = Field(0.4, ge=0.0, lt=1.0)
+    time_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    d_state: int = 32
+    d_conv: int = 4
+    expand: int = 2
+    head_dim: int = 32  # H = expand·hidden_size / head_dim heads (4 at the defaults)
+    ngroups: int = 1  # G: B and C groups shared by H / G heads each
+    chunk_size: int = 32
+    norm_eps: float = 1e-5
+    p2p_residual: bool = True  # γ per position (Linear(L → L)) instead of one gate per head (Linear(L → 1))
+    use_time: bool = True  # False: plain Mamba-2 (SSD4Rec-like), the reference's ``is_time: False``
+    time_log1p: bool = False  # log1p on the gaps before LN_L (non-reference option; see the module docstring)
+    time_activation: Literal["auto", "hardswish", "silu"] = "auto"  # auto: Hardswish when H % 8 ≠ 0, else SiLU
+    kaiming_init: bool = False  # the reference's ``is_kai_ming_init`` (on for ML-1M 64-d)
+    dt_min: float = 1e-3
+    dt_max: float = 1e-1
+    loss: Literal["ce", "bce"] = "ce"
+    num_negatives: int = 1
+    prefix_fraction: float = Field(1.0, gt=0.0, le=1.0)  # share of the prefix cut points trained on per epoch
+    backend: Backend = "auto"
+
+    @model_validator(mode="after")
+    def _check_heads(self) -> "TiM4RecConfig":
+        d_inner = self.expand * self.hidden_size
+        if d_inner % self.head_dim:
+            raise ValueError(f"expand·hidden_size ({d_inner}) must be divisible by head_dim ({self.head_dim})")
+        if (d_inner // self.head_dim) % self.ngroups:
+            raise ValueError(f"heads ({d_inner // self.head_dim}) must be divisible by ngroups ({self.ngroups})")
+        return self
+
+    @property
+    def num_heads(self) -> int:
+        return self.expand * self.hidden_size // self.head_dim
+
+
+class SequenceLayerNorm(nn.Module):
+    """LN_L (model-specs §5): LayerNorm over the sequence axis with a per-position affine (normalized_shape = L),
+    its mean and biased variance taken over the real positions only (the documented padding fix; the reference
+    normalises over all L columns, pads included). x (B, H, L), mask (B, 1, L) float; the output is 0 at pads."""
+
+    def __init__(self, length: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(length))
+        self.bias = nn.Parameter(torch.zeros(length))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        count = mask.sum(-1, keepdim=True).clamp(min=1.0)
+        mean = (x * mask).sum(-1, keepdim=True) / count
+        centred = (x - mean) * mask
+        var = centred.square().sum(-1, keepdim=True) / count
+        return (centred * torch.rsqrt(var + self.eps) * self.weight + self.bias) * mask
+
+
+def time_gaps(items: torch.Tensor, times: torch.Tensor, log1p: bool) -> torch.Tensor:
+    """δ (B, L) float from left-padded ``items`` / ``times`` (model-specs §5 "time input"): δ_t = τ_t − τ_{t−1}
+    between consecutive real events, 0 at the first event and at pads (timestamps at pads are never read);
+    negative gaps clamped to 0; optionally log1p."""
+    real = items != 0
+    both = real[:, 1:] & real[:, :-1]
+    gaps = torch.where(both, times[:, 1:] - times[:, :-1], torch.zeros_like(times[:, 1:])).clamp(min=0)
+    delta = F.pad(gaps, (1, 0)).to(torch.float32)
+    return torch.log1p(delta) if log1p else delta
+
+
+class TimePath(nn.Module):
+    """One layer's time path (model-specs §5 "per-layer time scale" and "time for the next layer").
+
+    ``forward(t_hat, mask)``: t_hat δ̂ (B, H, L), zero at pads; mask (B, 1, L) float. Returns ρ (B, L, H), the
+    ``dt_scale`` of this layer's SSD, and δ̂′ (B, H, L) for the next layer (None when ``last``).
+    """
+
+    def __init__(self, config: TiM4RecConfig, last: bool):
+        super().__init__()
+        length, heads, k = config.max_len, config.num_heads, config.d_conv
+        self.backend = _conv_backend(config.backend)
+        self.dropout = nn.Dropout(config.time_dropout)
+        self.w_a = nn.Linear(length, length)
+        self.w_b = nn.Linear(length, length)
+        # per-head depthwise causal convs; weights (H, 1, K) as nn.Conv1d stores them, run by kernels.causal_conv1d
+        self.conv1 = nn.Conv1d(heads, heads, k, groups=heads)
+        self.conv2 = nn.Conv1d(heads, heads, k, groups=heads)
+        act = config.time_activation
+        if act == "auto":
+            act = "hardswish" if heads % 8 else "silu"
+        self.act = nn.Hardswish() if act == "hardswish" else nn.SiLU()
+        self.last = last
+        if not last:
+            self.gate = nn.Linear(length, length if config.p2p_residual else 1)  # W_g
+            self.norm = SequenceLayerNorm(length, config.norm_eps)
+
+    def forward(self, t_hat: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        keep = mask.transpose(1, 2)  # (B, L, 1)
+        s = self.w_b(F.silu(self.w_a(self.dropout(t_hat))))  # (B, H, L)
+        u = (t_hat * s).transpose(1, 2)  # (B, L, H), zero at pads since δ̂ is
+        u = self.act(causal_conv1d(u, self.conv1.weight[:, 0], self.conv1.bias, backend=self.backend)) * keep
+        rho = self.act(causal_conv1d(u, self.conv2.weight[:, 0], self.conv2.bias, backend=self.backend)) * keep
+        if self.last:
+            return rho, None
+        gamma = torch.sigmoid(self.gate(self.dropout(t_hat)))  # (B, H, L) or (B, H, 1)
+        return rho, self.norm(gamma * t_hat + (1 - gamma) * rho.transpose(1, 2), mask)
+
+
+class RMSNormGated(nn.Module):
+    """Mamba-2's gated RMSNorm with the norm after the gate (model-specs §3b): RMSNorm(y ⊙ SiLU(z)) per group of
+    d_in / G channels, with a learned scale."""
+
+    def __init__(self, d_inner: int, groups: int, eps: float):
+        super().__init__()
+        self.groups, self.eps = groups, eps
+        self.weight = nn.Parameter(torch.ones(d_inner))
+
+    def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        g = y * F.silu(z)
+        shape = g.shape
+        g = g.reshape(*shape[:-1], self.groups, shape[-1] // self.groups)
+        g = g * torch.rsqrt(g.square().mean(-1, keepdim=True) + self.eps)
+        return g.reshape(shape) * self.weight
+
+
+class SSDBlock(nn.Module):
+    """The Mamba-2 mixer (Dao & Gu 2024, §7; model-specs §3b) with TiM4Rec's time-scaled step (§5), for
+    left-padded input. ``forward(u, pad_mask, rho)``: u (B, L, d); pad_mask (B, L) bool, True at real tokens; rho
+    (B, L, H) or None (plain Mamba-2). Pads are exact no-ops: x, B, C are zeroed there before the causal conv (a
+    real position then sees exactly the conv's own zero padding) and ``kernels.ssd`` forces Δ = 0 there.
+
+    Init (Mamba-2's ``Mamba2.__init__``): A = U(1, 16), A_log = log A; dt_bias = softplus⁻¹(dt), dt log-uniform in
+    [dt_min, dt_max] floored at 1e-4; D = 1. A_log, dt_bias and D carry ``_no_weight_decay = True``.
+    """
+
+    def __init__(self, config: TiM4RecConfig):
+        super().__init__()
+        d, n, g = config.hidden_size, config.d_state, config.ngroups
+        self.d_inner = config.expand * d
+        self.heads, self.head_dim, self.d_state, self.groups = config.num_heads, config.head_dim, n, g
+        self.chunk_size, self.backend = config.chunk_size, config.backend
+        conv_dim = self.d_inner + 2 * g * n
+        self.in_proj = nn.Linear(d, self.d_inner + conv_dim + self.heads, bias=False)
+        self.conv1d = nn.Conv1d(conv_dim, conv_dim, config.d_conv, groups=conv_dim, bias=True)
+        self.A_log = nn.Parameter(torch.log(torch.empty(self.heads).uniform_(1.0, 16.0)))
+        self.dt_bias = nn.Parameter(torch.empty(self.heads))
+        self.D = nn.Parameter(torch.ones(self.heads))
+        self.norm = RMSNormGated(self.d_inner, g, config.norm_eps)
+        self.out_proj = nn.Linear(self.d_inner, d, bias=False)
+        with torch.no_grad():
+            lo, hi = math.log(config.dt_min), math.log(config.dt_max)
+            dt = torch.exp(torch.rand(self.heads) * (hi - lo) + lo).clamp(min=1e-4)
+            self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus⁻¹(dt)
+        for p in (self.A_log, self.dt_bias, self.D):
+            p._no_weight_decay = True
+
+    def forward(self, u: torch.Tensor, pad_mask: torch.Tensor, rho: torch.Tensor | None) -> torch.Tensor:
+        b, length, _ = u.shape
+        gn = self.groups * self.d_state
+        z, xbc, dt = self.in_proj(u).split([self.d_inner, self.d_inner + 2 * gn, self.heads], dim=-1)
+        xbc = xbc.masked_fill(~pad_mask[..., None], 0.0)
+        xbc = causal_conv1d(xbc, self.conv1d.weight[:, 0], self.conv1d.bias, activation="silu",
+                            backend=_conv_backend(self.backend))
+        x, B, C = xbc.split([self.d_inner, gn, gn], dim=-1)
+        y = ssd(
+            x.reshape(b, length, self.heads, self.head_dim), dt, -torch.exp(self.A_log.float()),
+            B.reshape(b, length, self.groups, self.d_state), C.reshape(b, length, self.groups, self.d_state),
+            chunk_size=self.chunk_size, D=self.D, dt_bias=self.dt_bias, dt_scale=rho, pad_mask=pad_mask,
+            backend=self.backend,
+        )
+        return self.out_proj(self.norm(y.reshape(b, length, self.d_inner), z))
+
+
+class FeedForward(nn.Module):
+    """TiM4Rec's FFN (model-specs §5 "Layer"): LN(H + Drop(W₂·Drop(Hardswish(W₁·H)))), inner 4d."""
+
+    def __init__(self, d: int, dropout: float, eps: float):
+        super().__init__()
+        self.w_1 = nn.Linear(d, 4 * d)
+        self.w_2 = nn.Linear(4 * d, d)
+        self.dropout = nn.Dropout(dropout)
+        self.norm = nn.LayerNorm(d, eps=eps)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.norm(h + self.dropout(self.w_2(self.dropout(F.hardswish(self.w_1(h))))))
+
+
+class TiM4RecLayer(nn.Module):
+    """SSD → Dropout → LN (+ the input with stacked layers) → FFN (model-specs §5 "Layer")."""
+
+    def __init__(self, config: TiM4RecConfig):
+        super().__init__()
+        self.ssd = SSDBlock(config)
+        self.dropout = nn.Dropout(config.dropout)
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
+        self.residual = config.num_layers > 1
+        self.ffn = FeedForward(config.hidden_size, config.dropout, config.norm_eps)
+
+    def forward(self, x: torch.Tensor, pad_mask: torch.Tensor, rho: torch.Tensor | None) -> torch.Tensor:
+        h = self.dropout(self.ssd(x, pad_mask, rho))
+        return self.ffn(self.norm(h + x if self.residual else h))
+
+
+@register
+class TiM4Rec(SequentialModel):
+    """TiM4Rec (Fan et al. 2024; model-specs §5): time-aware Mamba-2, trained at the last position of prefix cut
+    points only (its time path looks ahead), always at width ``max_len``."""
+
+    name = "tim4rec"
+    Config = TiM4RecConfig
+    # Reference (Beauty): Adam lr 1e-3, batch 2048 prefixes, 300 epochs, patience 20. One target per row here, so a
+    # batch larger than the platform's 128 keeps the step count per epoch reasonable (as for SIGMA); to be tuned.
+    train_defaults = {"lr": 1e-3, "batch_size": 512}
+
+    def __init__(self, config: TiM4RecConfig, num_items: int):
+        super().__init__(config, num_items)
+        d = config.hidden_size
+        self.item_embedding = nn.Embedding(num_items + 1, d, padding_idx=0)
+        self.embedding_dropout = nn.Dropout(config.dropout)
+        self.embedding_norm = nn.LayerNorm(d, eps=config.norm_eps)
+        self.layers = nn.ModuleList(TiM4RecLayer(config) for _ in range(config.num_layers))
+        if config.use_time:
+            self.time_dropout = nn.Dropout(config.time_dropout)
+            self.time_norm = SequenceLayerNorm(config.max_len, config.norm_eps)  # the first LN_L
+            self.time_paths = nn.ModuleList(
+                TimePath(config, last=i == config.num_layers - 1) for i in range(config.num_layers)
+            )
+        self.loss_fn = build_loss(config)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """Mamba4Rec's init (N(0, 0.02) on Linear and Embedding weights, zero biases); Mamba-2's A_log, dt_bias and
+        D keep their own init; Conv1d keeps PyTorch's default, or Kaiming-normal with ``kaiming_init``."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+                if isinstance(module, nn.Linear) and module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Conv1d) and self.config.kaiming_init:
+                nn.init.kaiming_normal_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        with torch.no_grad():
+            self.item_embedding.weight[0].zero_()
+
+    def _full_width(self, batch: SequenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-pad ``items`` and ``times`` to ``max_len`` so every history has the training layout."""
+        width = batch.items.shape[1]
+        length = self.config.max_len
+        if width > length:
+            raise ValueError(f"sequence of width {width} exceeds max_len {length}")
+        items, times = batch.items, batch.times
+        if width < length:
+            items = F.pad(items, (length - width, 0))
+            times = F.pad(times, (length - width, 0))
+        return items, times
+
+    def sequence_states(self, batch: SequenceBatch) -> torch.Tensor:
+        """H (B, max_len, d) for a left-padded batch, zero at pads; column −1 is the prediction point."""
+        items, times = self._full_width(batch)
+        pad_mask = items != 0
+        x = self.embedding_norm(self.embedding_dropout(self.item_embedding(items)))
+        t_hat = None
+        if self.config.use_time:
+            mask = pad_mask[:, None, :].to(x.dtype)  # (B, 1, L)
+            delta = time_gaps(items, times, self.config.time_log1p).to(x.dtype)[:, None, :]
+            t_hat = self.time_norm(self.time_dropout(delta), mask).expand(-1, self.config.num_heads, -1)
+        for i, layer in enumerate(self.layers):
+            rho = None
+            if t_hat is not None:
+                rho, t_hat = self.time_paths[i](t_hat, mask)
+            x = layer(x, pad_mask, rho)
+        return x.masked_fill(~pad_mask[..., None], 0.0)
+
+    def encode(self, batch):
+        return self.sequence_states(batch)[:, -1, :]
+
+    def item_embeddings(self):
+        return self.item_embedding.weight
+
+    def train_batches(self, users: np.ndarray, train, batch_size: int):
+        return LastPositionTrainBatches(users, train, self.config.max_len, batch_size,
+                                        fraction=self.config.prefix_fraction)
+
+    def loss(self, batch):
+        """Full CE (or BCE) at the last column only (see last_position_loss)."""
+        return last_position_loss(self.loss_fn, self.encode(batch), batch, self.item_embedding.weight)
