@@ -11,7 +11,7 @@ RAW_DIR ?=
 MODEL_URI ?=
 BUNDLE ?=
 
-.PHONY: setup test test-slow test-triton eval serve mlflow-ui bench bench-kernels lint clean
+.PHONY: setup test test-slow test-triton eval serve mlflow-ui bench bench-kernels bench-serving lint clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found (set PYTHON=...)"; exit 1; }
@@ -52,8 +52,13 @@ bench: $(STAMP)
 bench-kernels: $(STAMP)
 	$(PY) tests/benchmarks/kernels.py
 
+# The REST service under load (SASRec on Amazon Beauty, trained first if runs/amazon-beauty/sasrec is missing)
+# and a synthetic 1,000,000-item catalogue; about 5 minutes on 2 cores.
+bench-serving: $(STAMP)
+	$(PY) tests/benchmarks/serving.py $(if $(BUNDLE),--bundle $(BUNDLE))
+
 lint: $(STAMP)
-	$(VENV)/bin/ruff check recsys pipelines kernels tests
+	$(VENV)/bin/ruff check recsys pipelines kernels serving tests
 
 clean:
 	rm -rf $(VENV) reports mlruns data/processed

@@ -5,6 +5,7 @@
     recsys evaluate --bundle DIR [--split test|valid]                       prints the metrics as JSON
     recsys report --dataset NAME --models A B [--epochs N]                 what `make eval` runs
     recsys mlflow-ui                                                        the MLflow dashboard on 127.0.0.1:5000
+    recsys serve [--bundle DIR ... | --model-uri models:/recsys-sasrec@champion ...] [--port 8000]
 """
 
 from __future__ import annotations
@@ -84,9 +85,18 @@ def cmd_mlflow_ui(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    print("error: the REST recommendation service is not part of this release yet (tracked as issue [4])",
-          file=sys.stderr)
-    return 2
+    import uvicorn
+
+    from serving.app import create_app
+    from serving.settings import IndexSettings, ServiceSettings
+
+    index = IndexSettings(exact_max_items=args.exact_max_items, approximate=args.approximate_index)
+    settings = ServiceSettings(bundles=args.bundle or [], model_uris=args.model_uri or [], index=index,
+                               max_batch=args.max_batch, max_wait_ms=args.max_wait_ms)
+    print(f"serving on http://{args.host}:{args.port} (OpenAPI at /docs)", file=sys.stderr)
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level,
+                access_log=False)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,8 +139,17 @@ def build_parser() -> argparse.ArgumentParser:
     ui.set_defaults(func=cmd_mlflow_ui)
 
     serve = sub.add_parser("serve", help="REST recommendation service")
-    serve.add_argument("--model-uri", default=None)
-    serve.add_argument("--bundle", default=None)
+    serve.add_argument("--model-uri", action="append", help="models:/recsys-<model>@<alias> or /<version>; "
+                       "repeatable; default (no --bundle either): the registry's champion from the last make eval")
+    serve.add_argument("--bundle", action="append", help="a bundle directory; repeatable")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--max-batch", type=int, default=64, help="most queries per inference micro-batch")
+    serve.add_argument("--max-wait-ms", type=float, default=0.0, help="how long a micro-batch may wait to fill")
+    serve.add_argument("--exact-max-items", type=int, default=100_000,
+                       help="largest catalogue searched exactly; above it an approximate index tuned to recall@10 0.95")
+    serve.add_argument("--approximate-index", choices=["ivf", "hnsw"], default="ivf")
+    serve.add_argument("--log-level", default="warning")
     serve.set_defaults(func=cmd_serve)
     return parser
 

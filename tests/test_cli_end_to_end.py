@@ -79,6 +79,18 @@ def test_report_writes_table_csv_figure_and_sets_champion(small_dataset, tmp_pat
             pass
     assert len(holders) == 1 and f"**{holders[0]}**" in table
 
+    # `make serve` with no argument serves that champion, fetched from the registry through its models:/ URI
+    from fastapi.testclient import TestClient
+
+    from serving.app import create_app
+    from serving.settings import ServiceSettings
+
+    with TestClient(create_app(ServiceSettings(cache_dir=str(tmp_path / "cache")))) as service:
+        served = service.get("/v1/models").json()["models"]
+        assert [m["name"] for m in served] == holders
+        assert served[0]["source"] == f"models:/recsys-{holders[0]}@champion"
+        assert len(service.post("/v1/recommend", json={"history": ["1", "2"], "k": 5}).json()["items"]) == 5
+
 
 def test_unknown_setting_is_a_clear_error(small_dataset, capsys):
     assert main(["train", "--model", "sasrec", "--dataset", str(small_dataset), "--set", "hiden_size=3",

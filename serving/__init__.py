@@ -1,0 +1,1 @@
+"""REST recommendation service (FastAPI + faiss) over the platform's model bundles."""
