@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 from kernels.topk import topk_scores
 from recsys.batching import pad_histories
 from recsys.bundle import load_bundle
+from recsys.models import MODELS
 from serving.app import create_app
 from serving.schemas import BatchRecommendResponse, SimilarResponse
 from serving.settings import ServiceSettings
@@ -251,3 +252,14 @@ def test_ivf_tuning_reaches_the_target_recall_and_the_saved_index_round_trips(tm
                                                                         index.search(queries, 10)[1])
     assert load_index(tmp_path, "recommend", "other-weights", settings) is None
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("name", sorted(n for n, cls in MODELS.items() if cls.trainable))
+def test_every_trainable_model_is_servable(tmp_path, name):
+    bundle = make_bundle(tmp_path / "bundles" / name, model=name)
+    settings = ServiceSettings(bundles=[str(bundle)], cache_dir=str(tmp_path / "cache"))
+    with TestClient(create_app(settings)) as c:
+        body = c.post("/v1/recommend", json={"history": ["it3", "it4", "it5"], "timestamps": [10, 70, 4000],
+                                             "k": 7}).json()
+        assert body["model"] == name and len(body["items"]) == 7
+        assert len(c.get("/v1/items/it3/similar", params={"k": 3}).json()["items"]) == 3
