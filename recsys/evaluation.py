@@ -9,6 +9,11 @@ history then counts as a miss) and the flag is recorded in the result.
 Metrics with a single target per user (Krichene & Rendle 2020 for why full ranking):
 HR@K = 1[rank ≤ K] (= Recall@K); NDCG@K = 1[rank ≤ K] / log2(rank + 1); MRR = 1/rank (full ranking) and
 MRR@K = 1[rank ≤ K]/rank; coverage@K = |∪ top-K lists| / V.
+
+Generative models (``model.generative``: semantic-id decoders, which score no catalogue table) are evaluated
+through the same ``evaluate`` from their ``recommend(batch, k)`` lists: the target's rank is its position in the
+list and ∞ when absent (so MRR is MRR over the list, not over the catalogue). With ``exclude_seen`` each list is
+asked for k + |history| items and the history is dropped from it before ranking.
 """
 
 from __future__ import annotations
@@ -73,6 +78,12 @@ def evaluate(
     was_training = model.training
     model.eval()
     max_k = max(ks)
+    if getattr(model, "generative", False):
+        try:
+            ranks, top = _generative_ranks(model, eval_set, num_items, exclude_seen, max_k, batch_size, device)
+        finally:
+            model.train(was_training)
+        return _summary(ranks, top, ks, num_items, exclude_seen)
     table = model.item_embeddings().to(device)
     all_ranks, recommended = [], []
     for eb in eval_batches(eval_set, model.config.max_len, batch_size):
@@ -84,10 +95,76 @@ def evaluate(
         recommended.append(top.cpu().numpy())
     model.train(was_training)
     ranks = np.concatenate(all_ranks) if all_ranks else np.zeros(0)
-    result = metrics_from_ranks(ranks, ks)
     top = np.concatenate(recommended) if recommended else np.zeros((0, max_k), dtype=np.int64)
+    return _summary(ranks, top, ks, num_items, exclude_seen)
+
+
+def _summary(ranks: np.ndarray, top: np.ndarray, ks, num_items: int, exclude_seen: bool) -> dict[str, float]:
+    result = metrics_from_ranks(ranks, ks)
     for k in ks:
-        result[f"coverage@{k}"] = float(len(np.unique(top[:, :k])) / num_items) if len(top) else 0.0
+        listed = np.unique(top[:, :k])
+        listed = listed[listed != 0]  # 0 fills a generative list that ran short, it is no item
+        result[f"coverage@{k}"] = float(len(listed) / num_items) if len(top) else 0.0
     result["num_users"] = int(len(ranks))
     result["exclude_seen"] = bool(exclude_seen)
     return result
+
+
+# rows × list length per ``recommend`` call: long histories with exclude_seen ask for long lists (wide beams)
+GENERATIVE_ROW_BUDGET = 16384
+
+
+def ranks_from_lists(lists: np.ndarray, targets: np.ndarray, seen: list[np.ndarray] | None, k: int
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Target ranks (1-based, ``inf`` if absent) within recommendation lists (B, n), best first, after dropping
+    each row's ``seen`` items (when given); also the first k surviving items per row (0-filled when short)."""
+    ranks = np.full(len(lists), np.inf)
+    top = np.zeros((len(lists), k), dtype=np.int64)
+    for i, row in enumerate(lists):
+        if seen is not None:
+            row = row[~np.isin(row, seen[i])]
+        row = row[:k]
+        top[i, :len(row)] = row
+        hit = np.flatnonzero(row == targets[i])
+        if len(hit):
+            ranks[i] = hit[0] + 1
+    return ranks, top
+
+
+@torch.no_grad()
+def _generative_ranks(model, eval_set: EvalSet, num_items: int, exclude_seen: bool, max_k: int, batch_size: int,
+                      device) -> tuple[np.ndarray, np.ndarray]:
+    all_ranks, recommended = [], []
+    for eb in eval_batches(eval_set, model.config.max_len, batch_size):
+        offsets, flat = eb.exclude[0].numpy(), eb.exclude[1].numpy()
+        seen = [np.unique(flat[offsets[i]:offsets[i + 1]]) for i in range(len(offsets) - 1)]
+        targets = eb.targets.numpy()
+        for start, stop in _row_chunks(seen if exclude_seen else None, len(targets), max_k):
+            extra = max(len(s) for s in seen[start:stop]) if exclude_seen else 0
+            ask = min(max_k + extra, model.num_items)
+            rows = torch.arange(start, stop)
+            batch = eb.batch
+            sub = type(batch)(batch.items[rows], batch.times[rows], None,
+                              None if batch.user_idx is None else batch.user_idx[rows]).to(device)
+            lists, _ = model.recommend(sub, ask)
+            ranks, top = ranks_from_lists(lists.cpu().numpy(), targets[start:stop],
+                                          seen[start:stop] if exclude_seen else None, max_k)
+            all_ranks.append(ranks)
+            recommended.append(top)
+    ranks = np.concatenate(all_ranks) if all_ranks else np.zeros(0)
+    top = np.concatenate(recommended) if recommended else np.zeros((0, max_k), dtype=np.int64)
+    return ranks, top
+
+
+def _row_chunks(seen: list[np.ndarray] | None, n: int, k: int):
+    """Consecutive row ranges whose rows × list length stays within GENERATIVE_ROW_BUDGET (at least one row)."""
+    start = 0
+    while start < n:
+        stop, longest = start, 0
+        while stop < n:
+            longest = max(longest, k + (len(seen[stop]) if seen is not None else 0))
+            if stop > start and (stop - start + 1) * longest > GENERATIVE_ROW_BUDGET:
+                break
+            stop += 1
+        yield start, stop
+        start = stop

@@ -98,6 +98,7 @@ def train_run(
 
     torch.manual_seed(train_config.seed)
     model = build_model(model_name, ds.num_items, model_over)
+    model.prepare(ds)  # e.g. TIGER's semantic ids from item text, before any training
     run_config = {
         "train_config": train_config.model_dump(mode="json"),
         "dataset": {"name": dataset_name, "path": str(ds.path.resolve()), "content_hash": ds.content_hash,

@@ -254,7 +254,9 @@ def test_ivf_tuning_reaches_the_target_recall_and_the_saved_index_round_trips(tm
     assert not list(tmp_path.glob(".*.tmp"))
 
 
-@pytest.mark.parametrize("name", sorted(n for n, cls in MODELS.items() if cls.trainable))
+# generative models (tiger) rank by beam search, not by a faiss index over item embeddings: the service does not
+# serve them yet
+@pytest.mark.parametrize("name", sorted(n for n, cls in MODELS.items() if cls.trainable and not cls.generative))
 def test_every_trainable_model_is_servable(tmp_path, name):
     bundle = make_bundle(tmp_path / "bundles" / name, model=name)
     settings = ServiceSettings(bundles=[str(bundle)], cache_dir=str(tmp_path / "cache"))

