@@ -275,3 +275,24 @@ def test_prepare_encodes_item_text_with_minilm_and_add_items_takes_text(tmp_path
     assert new.tolist() == [21] and torch.equal(model.codes[21, :3], model.codes[1, :3])
     with pytest.raises(ValueError, match="text_dim"):
         build_model("tiger", 20, {**TINY, "text_dim": 8}).prepare(dataset)
+
+
+def test_train_run_prepares_trains_and_bundles_tiger(tmp_path, capsys):
+    """The run path end to end: build_model → prepare (MiniLM over the synthetic catalogue's text) → trainer →
+    evaluate → bundle, whose reloaded model gives the recorded test metrics."""
+    from recsys.cli import main
+    from recsys.run import train_run
+
+    assert main(["data", "build", "--dataset", "synthetic", "--set", "num_users=150", "--set", "num_items=60"]) == 0
+    path = capsys.readouterr().out.strip()
+    tiny = {k: v for k, v in TINY.items() if k != "text_dim"}
+    result = train_run("tiger", path, epochs=1, out_dir=tmp_path / "bundle", track=False, progress=False,
+                       overrides={**tiny, "collision_codes": 60, "batch_size": 64})
+    assert 0 <= result.metrics["test"]["hr@10"] <= 1 and result.metrics["epochs"] == 1
+    bundle = load_bundle(result.bundle_dir)
+    assert bool(bundle.model.fitted) and len(torch.unique(bundle.model.codes[1:], dim=0)) == 60
+    from pipelines.dataset import load_dataset
+
+    split = load_dataset(path).split()
+    again = evaluate(bundle.model, split.test, bundle.model.num_items, result.metrics["exclude_seen"])
+    assert again == result.metrics["test"]
