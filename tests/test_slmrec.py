@@ -306,3 +306,19 @@ def test_distill_rejects_settings_the_recipe_owns(tmp_path):
         split_by_role({"tutor.lr": 2})
     with pytest.raises(ValueError, match="student layers"):
         distill_run("synthetic", teacher_layers=2)  # 2 // 4 = 0 layers
+
+
+def test_report_gives_slmrec_the_item_table_of_the_sasrec_trained_before_it(tmp_path, capsys, monkeypatch):
+    from recsys.cli import main
+
+    assert main(["data", "build", "--dataset", "synthetic", "--set", "num_users=300", "--set", "num_items=120"]) == 0
+    dataset = Path(capsys.readouterr().out.strip())
+    monkeypatch.chdir(tmp_path)
+    assert main(["report", "--dataset", str(dataset), "--models", "sasrec", "slmrec", "--epochs", "1",
+                 "--set", "hidden_size=16", "--set", "num_layers=1", "--set", "num_heads=2", "--no-track"]) == 0
+    name = json.loads((dataset / "manifest.json").read_text())["name"]
+    assert "| slmrec |" in (tmp_path / "reports" / name / "eval.md").read_text()
+    slmrec = load_bundle(tmp_path / "runs" / name / "slmrec")
+    sasrec = load_bundle(tmp_path / "runs" / name / "sasrec")
+    assert slmrec.config["model_config"]["item_table_bundle"] == str(sasrec.path.resolve())
+    assert torch.equal(slmrec.model.item_embeddings(), sasrec.model.item_embeddings())
