@@ -4,6 +4,7 @@
     recsys train --model NAME --dataset NAME [--raw-dir DIR] [--epochs N] [--set key=value ...] [--seed S] [--out DIR]
     recsys evaluate --bundle DIR [--split test|valid]                       prints the metrics as JSON
     recsys report --dataset NAME --models A B [--epochs N]                 what `make eval` runs
+    recsys distill --dataset NAME [--raw-dir DIR] --teacher-layers M [--student-layers N] [--set key=value ...]
     recsys mlflow-ui                                                        the MLflow dashboard on 127.0.0.1:5000
     recsys serve [--bundle DIR ... | --model-uri models:/recsys-sasrec@champion ...] [--port 8000]
 """
@@ -62,6 +63,19 @@ def cmd_report(args) -> int:
                      overrides=parse_overrides(args.set), seed=args.seed, track=not args.no_track)
     print((out / "eval.md").read_text())
     print(f"report written to {out}/ (eval.md, eval.csv, eval.png)", file=sys.stderr)
+    return 0
+
+
+def cmd_distill(args) -> int:
+    from recsys.distill import distill_run
+    from recsys.run import parse_overrides
+
+    result = distill_run(args.dataset, args.teacher_layers, args.student_layers,
+                         item_table_bundle=args.item_table_bundle, raw_dir=args.raw_dir, data_root=args.data_root,
+                         epochs=args.epochs, overrides=parse_overrides(args.set), seed=args.seed, out_root=args.out,
+                         track=not args.no_track, progress=not args.no_progress)
+    print(json.dumps({"teacher": str(result.teacher.bundle_dir), "student": str(result.student.bundle_dir),
+                      "distillation": result.distillation}, indent=2))
     return 0
 
 
@@ -132,6 +146,17 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--models", nargs="+", default=["pop", "sasrec"])
     common(rep)
     rep.set_defaults(func=cmd_report)
+
+    dist = sub.add_parser("distill", help="SLMRec: train a teacher, then distil it into a student of M/4 layers")
+    dist.add_argument("--dataset", required=True)
+    dist.add_argument("--teacher-layers", type=int, required=True)
+    dist.add_argument("--student-layers", type=int, default=None, help="default: teacher layers / 4")
+    dist.add_argument("--item-table-bundle", default=None,
+                      help="a trained bundle (SASRec) whose item table is borrowed; default: train SASRec first")
+    dist.add_argument("--out", default=None, help="root of the bundles (default runs/<dataset>/slmrec-distill)")
+    dist.add_argument("--no-progress", action="store_true")
+    common(dist)
+    dist.set_defaults(func=cmd_distill)
 
     ui = sub.add_parser("mlflow-ui", help="start the MLflow dashboard")
     ui.add_argument("--host", default="127.0.0.1")

@@ -1,6 +1,9 @@
 """``make eval``: build a dataset, train and evaluate each model under one protocol, write a comparison report,
 log everything to MLflow and point the registry alias ``champion`` at the best model (by validation NDCG@10:
-test figures never choose anything)."""
+test figures never choose anything).
+
+``slmrec`` listed after ``sasrec`` borrows that SASRec's item table; listed alone it learns its own. A distilled
+teacher/student pair comes from ``recsys distill`` (see the README), not from this report."""
 
 from __future__ import annotations
 
@@ -95,6 +98,9 @@ def run_report(dataset: str, models: list[str], *, raw_dir=None, data_root=None,
     for name in models:
         print(f"== training {name} on {dataset}", file=sys.stderr)
         own = {key: value for key, value in overrides.items() if key in accepted[name]}
+        if name == "slmrec" and "sasrec" in results and "item_table_bundle" not in own:
+            # SLMRec's recipe borrows a trained SASRec item table (model-specs §6): the one trained just before
+            own["item_table_bundle"] = str(results["sasrec"].bundle_dir.resolve())
         results[name] = train_run(name, ds, epochs=epochs, overrides=own, seed=seed,
                                   out_dir=Path("runs") / ds.manifest["name"] / name, track=track)
     rows = [result_row(name, r) for name, r in results.items()]

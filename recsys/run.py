@@ -7,11 +7,12 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from pipelines.build import build_dataset
 from pipelines.cli import parse_settings as parse_overrides  # noqa: F401  (one parser for --set)
 from pipelines.dataset import ProcessedDataset, load_dataset
+from pipelines.jagged import Split
 from recsys.bundle import save_bundle
 from recsys.evaluation import evaluate
 from recsys.models import build_model, model_class
@@ -80,7 +81,16 @@ def train_run(
     resume: bool = False,
     track: bool = True,
     progress: bool = True,
+    tags: dict[str, str] | None = None,
+    extra_metrics: Callable[[Any, Split, dict], dict[str, dict]] | None = None,
 ) -> RunResult:
+    """Train ``model_name`` on ``dataset``, evaluate it, write its bundle and log the run to MLflow.
+
+    ``tags`` are added to the MLflow run (e.g. to link a distilled student to its teacher's run).
+    ``extra_metrics(model, split, metrics)`` runs on the trained model before the bundle is written and returns sections
+    (name → flat dict of figures) merged into ``metrics.json`` and logged with the section name as prefix, so
+    the bundle is written once, atomically, with them.
+    """
     ds = resolve_dataset(dataset, raw_dir=raw_dir, data_root=data_root)
     model_over, train_over = split_overrides(model_name, overrides or {})
     if epochs is not None:
@@ -111,7 +121,7 @@ def train_run(
         from recsys.tracking import Tracker
 
         tracker = Tracker(experiment=dataset_name, run_name=model_name,
-                          tags={"model": model_name, "dataset_hash": ds.content_hash})
+                          tags={"model": model_name, "dataset_hash": ds.content_hash, **(tags or {})})
         tracker.log_params({"model": model_name, "model_config": model.config.model_dump(mode="json"),
                             "seed": train_config.seed, **run_config})
 
@@ -150,12 +160,16 @@ def train_run(
             "exclude_seen": exclude_seen,
             "history": history_rows(result.history),
         }
+        extra = extra_metrics(model, split, metrics) if extra_metrics else {}
+        metrics.update(extra)
         save_bundle(out_dir, model.cpu(), run_config, ds.items, metrics)
         version = None
         if tracker:
             tracker.log_metrics(test, prefix="test_")
             tracker.log_metrics({"train_seconds": result.train_seconds, "epochs": result.epochs,
                                  "best_epoch": result.best_epoch, "parameters": metrics["parameters"]})
+            for section, figures in extra.items():
+                tracker.log_metrics(figures, prefix=f"{section}_")
             version = tracker.log_bundle(out_dir, model_name)
         status = "FINISHED"
         trainer.remove_checkpoint()

@@ -55,7 +55,9 @@ class Tracker:
             experiment_id = self.client.create_experiment(experiment, artifact_location=location)
         else:
             experiment_id = found.experiment_id
-        self.run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags or {})
+        # a run started while another is active (e.g. a distillation's parent run) is nested under it
+        self.run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags or {},
+                                    nested=mlflow.active_run() is not None)
         self.run_id = self.run.info.run_id
 
     def log_params(self, params: dict) -> None:

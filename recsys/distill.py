@@ -1,0 +1,179 @@
+"""SLMRec's recipe end to end (model-specs §6, "Recipe"): borrow a pretrained item table (training SASRec first
+when none is given), fine-tune an M-layer teacher with cross-entropy, freeze it, then train an N = M/4-layer
+student with cross-entropy + block-aligned distillation + multiple supervision (``recsys.models.slmrec``).
+
+The runs are linked in MLflow: a parent run ``slmrec-distill`` with the SASRec, teacher and student runs nested
+under it, the student tagged with its ``teacher_run_id``. The student bundle's ``metrics.json`` carries a
+``distillation`` section (written with the bundle, atomically): both test NDCG@10, the kept fraction, depths,
+parameter counts and the teacher's over the student's scoring time on the same requests.
+
+Overrides: ``key=value`` applies to teacher and student; ``teacher.key``, ``student.key`` and ``sasrec.key``
+apply to that run only (e.g. ``student.lr=0.003``, ``sasrec.hidden_size=64``).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kernels import topk_scores
+from recsys.batching import SequenceBatch, eval_batches
+from recsys.run import RunResult, resolve_dataset, train_run
+
+ROLES = ("sasrec", "teacher", "student")
+SET_BY_THE_RECIPE = ("num_layers", "teacher_bundle")
+
+
+@dataclass
+class DistillResult:
+    teacher: RunResult
+    student: RunResult
+    distillation: dict
+    item_table_bundle: Path
+    parent_run_id: str | None
+
+
+def split_by_role(overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``role.key`` settings to that role; plain keys to both teacher and student."""
+    by_role: dict[str, dict[str, Any]] = {role: {} for role in ROLES}
+    # plain keys first, so a role's own setting wins over the shared one whatever the order given
+    for key, value in sorted(overrides.items(), key=lambda kv: "." in kv[0]):
+        role, dot, name = key.partition(".")
+        if dot and role not in ROLES:
+            raise ValueError(f"setting {key!r}: prefix must be one of {ROLES}")
+        name = name if dot else key
+        if name in SET_BY_THE_RECIPE and role != "sasrec":
+            raise ValueError(f"{name} is set by the recipe (use --teacher-layers / --student-layers)")
+        for target in ([role] if dot else ["teacher", "student"]):
+            by_role[target][name] = value
+    return by_role
+
+
+@torch.no_grad()
+def scoring_seconds(model, batches: list[SequenceBatch], k: int = 10, repeats: int = 3) -> float:
+    """Best-of-``repeats`` wall time to answer ``batches``: encode, then exact top-k over the catalogue."""
+    model.eval()
+    table = model.item_embeddings()[1:]
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for batch in batches:
+            topk_scores(model.encode(batch), table, k)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def timing_batches(split, max_len: int, batch_size: int, max_requests: int) -> list[SequenceBatch]:
+    """The first ``max_requests`` test histories (in evaluation order), batched as evaluation does."""
+    out, count = [], 0
+    for eval_batch in eval_batches(split.test, max_len, batch_size):
+        if count >= max_requests:
+            break
+        out.append(eval_batch.batch)
+        count += len(eval_batch.targets)
+    return out
+
+
+def distillation_figures(student, teacher, teacher_metrics: dict, student_metrics: dict, batches, repeats: int):
+    teacher_seconds = scoring_seconds(teacher, batches, repeats=repeats)
+    student_seconds = scoring_seconds(student, batches, repeats=repeats)
+    teacher_ndcg, student_ndcg = teacher_metrics["test"]["ndcg@10"], student_metrics["test"]["ndcg@10"]
+    return {
+        "teacher_ndcg@10": teacher_ndcg,
+        "student_ndcg@10": student_ndcg,
+        "kept_fraction": student_ndcg / teacher_ndcg if teacher_ndcg > 0 else float("nan"),
+        "teacher_layers": teacher.config.num_layers,
+        "student_layers": student.config.num_layers,
+        # the frozen item table is a buffer, counted in neither; the student's training-only supervision heads
+        # are left out (they never score)
+        "teacher_params": teacher.scoring_parameters(),
+        "student_params": student.scoring_parameters(),
+        "teacher_scoring_seconds": teacher_seconds,
+        "student_scoring_seconds": student_seconds,
+        "speedup": teacher_seconds / student_seconds,
+        "timing_requests": sum(len(b.items) for b in batches),
+    }
+
+
+def distill_run(
+    dataset,
+    teacher_layers: int,
+    student_layers: int | None = None,
+    *,
+    item_table_bundle: str | Path | None = None,
+    raw_dir=None,
+    data_root=None,
+    epochs: int | None = None,
+    overrides: dict[str, Any] | None = None,
+    seed: int | None = None,
+    out_root: str | Path | None = None,
+    track: bool = True,
+    progress: bool = True,
+    timing_requests: int = 4096,
+    timing_repeats: int = 3,
+) -> DistillResult:
+    """Train (SASRec,) teacher and student; return both runs and the ``distillation`` figures."""
+    student_layers = student_layers if student_layers is not None else teacher_layers // 4
+    if not 1 <= student_layers < teacher_layers:
+        raise ValueError(f"student layers must be between 1 and the teacher's {teacher_layers} - 1, "
+                         f"got {student_layers} (default M/4)")
+    ds = resolve_dataset(dataset, raw_dir=raw_dir, data_root=data_root)
+    by_role = split_by_role(overrides or {})
+    out_root = Path(out_root) if out_root else Path("runs") / ds.manifest["name"] / "slmrec-distill"
+    common = dict(epochs=epochs, seed=seed, track=track, progress=progress)
+    parent = None
+    if track:
+        from recsys.tracking import Tracker
+
+        parent = Tracker(experiment=ds.manifest["name"], run_name="slmrec-distill",
+                         tags={"model": "slmrec", "dataset_hash": ds.content_hash})
+        parent.log_params({"teacher_layers": teacher_layers, "student_layers": student_layers,
+                           "overrides": overrides or {}})
+    status = "FAILED"
+    try:
+        if item_table_bundle is None:
+            print("== SLMRec: training SASRec for the item table", file=sys.stderr)
+            sasrec = train_run("sasrec", ds, overrides=by_role["sasrec"], out_dir=out_root / "sasrec",
+                               tags={"distill_role": "item_table"}, **common)
+            item_table_bundle = sasrec.bundle_dir
+        table = {"item_table_bundle": str(Path(item_table_bundle).resolve())}
+
+        print(f"== SLMRec: teacher, {teacher_layers} layers", file=sys.stderr)
+        teacher = train_run("slmrec", ds, overrides={**by_role["teacher"], **table, "num_layers": teacher_layers},
+                            out_dir=out_root / "teacher", tags={"distill_role": "teacher"}, **common)
+
+        figures: dict = {}
+
+        def add_distillation(student_model, split, student_metrics):
+            from recsys.bundle import load_bundle
+
+            teacher_model = load_bundle(teacher.bundle_dir).model
+            batches = timing_batches(split, student_model.config.max_len, 256, timing_requests)
+            device = next(student_model.parameters()).device
+            teacher_model.to(device)
+            batches = [b.to(device) for b in batches]
+            figures.update(distillation_figures(student_model, teacher_model, teacher.metrics, student_metrics,
+                                                batches, timing_repeats))
+            return {"distillation": figures}
+
+        print(f"== SLMRec: student, {student_layers} layers, distilled", file=sys.stderr)
+        student_settings = {**by_role["student"], **table, "num_layers": student_layers,
+                            "teacher_bundle": str(Path(teacher.bundle_dir).resolve())}
+        student = train_run("slmrec", ds, overrides=student_settings, out_dir=out_root / "student",
+                            tags={"distill_role": "student", **({"teacher_run_id": teacher.run_id} if track else {})},
+                            extra_metrics=add_distillation, **common)
+        if parent:
+            parent.log_metrics(figures)
+            for key, run in (("teacher_run_id", teacher), ("student_run_id", student)):
+                parent.client.set_tag(parent.run_id, key, run.run_id)
+        status = "FINISHED"
+        return DistillResult(teacher, student, figures, Path(item_table_bundle),
+                             parent.run_id if parent else None)
+    finally:
+        if parent:
+            parent.end(status)

@@ -1,0 +1,317 @@
+"""SLMRec: a small decoder language model as a sequential recommender, distilled from a deeper one
+(Xu et al., "SLMRec: Distilling Large Language Models into Small for Sequential Recommendation", ICLR 2025;
+model-specs §6).
+
+- **Input:** P(E_item[seq]) fed to a decoder backbone as ``inputs_embeds`` (P = Linear(d_i → hidden)); E_item is
+  the frozen item table of a pretrained score-based bundle (SASRec in the recipe, ``item_table_bundle``), or a
+  learned table when none is given (so the model also trains on its own, e.g. in the registry-wide tests).
+- **Backbone:** a ``transformers`` decoder loaded from a local directory (``backbone_path``, saved by
+  ``save_pretrained``) truncated to its first ``num_layers`` decoder layers, or, offline by default, a randomly
+  initialised Llama of that depth. Optional LoRA (``lora_rank``) on gate/up/down_proj of a pretrained backbone.
+- **Scoring:** u = Linear(hidden → d_i, no bias) of the final-layer state at the last token; logits u·E_itemᵀ,
+  trained with full cross-entropy (``recsys.losses``, the kernels' linear cross-entropy).
+- **Distillation** (§6, offline KD from a frozen teacher bundle, ``teacher_bundle``): B blocks, student layer
+  b·N/B aligned with teacher layer b·M/B, ``hidden_states[k]`` with k = 0 the embedding output;
+  L_KD = Σ_b [λ·(1 − cos(h^s_b, h^t_b)) + 0.1·‖h^s_b − h^t_b‖₂], batch-averaged; multiple supervision
+  L_MS = Σ_{b<B} CE(head_b(h^s_b)); total L = L_CE + w_KD·L_KD + λ_ms·L_MS.
+
+The paper prepends and appends instruction/response tokens of a prompt; with a randomly initialised backbone
+they carry no meaning, so they are left out. TODO: the optional MiniLM text embeddings of the items
+(concatenated to E_item before P) are not implemented.
+
+Training is causal over every position (``CausalTrainBatches``, the base class default): the backbone is a
+decoder, so the state at position t has seen only items ≤ t, and each position is exactly the "last token" of its
+own prefix; one forward pass supervises all prefixes of a window instead of one (the reference's one prompt per
+prefix). Distillation and multiple supervision apply at the same supervised positions.
+
+Left padding: the attention mask keeps pads out of every real position's attention, and position ids count real
+items only (model-specs §6 pitfall: they would otherwise count padded slots), so padding never changes a score.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from recsys.losses import FullCrossEntropy, supervised_loss
+from recsys.models.base import ModelConfig, SequentialModel, register
+
+LORA_TARGETS = ("gate_proj", "up_proj", "down_proj")  # the reference's LoRA targets (model-specs §6)
+
+
+class SLMRecConfig(ModelConfig):
+    max_len: int = 30  # the paper's at most 30 items
+    # backbone: a local transformers directory, or a random Llama with the fields below (ignored with a path,
+    # whose own config gives the width)
+    backbone_path: str | None = None
+    num_layers: int = Field(4, ge=1)  # decoder layers kept (the first ones of a loaded backbone)
+    hidden_size: int = Field(64, ge=1)
+    num_heads: int = Field(4, ge=1)
+    intermediate_size: int | None = None  # None: Llama's 8/3·hidden rounded up to a multiple of 8
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)  # on the projected inputs and inside attention
+    lora_rank: int = Field(0, ge=0)  # 0: full fine-tuning; >0: LoRA on gate/up/down_proj (loaded backbones)
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    # item table: a bundle's frozen item table (SASRec in the recipe), or a learned one of width item_dim
+    item_table_bundle: str | None = None
+    item_dim: int | None = None  # d_i; read from item_table_bundle, or hidden_size for a learned table
+    # distillation from a frozen SLMRec teacher bundle (model-specs §6)
+    teacher_bundle: str | None = None
+    distill_blocks: int | None = None  # B; None: the largest of 4, 2, 1 dividing both depths
+    distill_weight: float = Field(1.0, ge=0.0)  # w_KD
+    distill_cosine_weight: float = Field(1.0, ge=0.0)  # λ (1.0 in the reference CLI, 0.001 in its defaults)
+    distill_l2_weight: float = Field(0.1, ge=0.0)  # the fixed 0.1 of the reference
+    supervision_weight: float = Field(1.0, ge=0.0)  # λ_ms of the multiple supervision heads
+
+
+def default_blocks(student_layers: int, teacher_layers: int | None = None) -> int:
+    """The spec's B = 4 when it divides the depths, otherwise the largest of 2, 1 that does (N = 2 gives B = 2)."""
+    for blocks in (4, 2, 1):
+        if student_layers % blocks == 0 and (teacher_layers is None or teacher_layers % blocks == 0):
+            return blocks
+    return 1
+
+
+def block_alignment(student_layers: int, teacher_layers: int, blocks: int) -> list[tuple[int, int]]:
+    """(student, teacher) ``hidden_states`` indices of the B aligned blocks: (b·N/B, b·M/B) for b = 1…B.
+    Index 0 is the embedding output, so index k is the output of decoder layer k (1-based)."""
+    if blocks < 1 or student_layers % blocks or teacher_layers % blocks:
+        raise ValueError(f"{blocks} distillation blocks must divide both the student's {student_layers} and the "
+                         f"teacher's {teacher_layers} layers")
+    return [(b * student_layers // blocks, b * teacher_layers // blocks) for b in range(1, blocks + 1)]
+
+
+def block_distillation_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], cosine_weight: float = 1.0,
+                            l2_weight: float = 0.1) -> torch.Tensor:
+    """L_KD = Σ_b mean_rows[λ·(1 − cos(h^s_b, h^t_b)) + l2_weight·‖h^s_b − h^t_b‖₂] (SLMRec Eq. for the feature
+    alignment loss; model-specs §6) over aligned (rows, hidden) states."""
+    total = student[0].new_zeros(())
+    for s, t in zip(student, teacher, strict=True):
+        cosine = 1.0 - F.cosine_similarity(s, t, dim=-1)
+        # vector_norm's gradient at a zero difference is 0 (not NaN), so identical states are a stable minimum
+        distance = torch.linalg.vector_norm(s - t, dim=-1)
+        total = total + (cosine_weight * cosine + l2_weight * distance).mean()
+    return total
+
+
+def load_item_table(bundle_path: str | Path, num_items: int) -> torch.Tensor:
+    """The (V+1, d_i) item table of a score-based bundle, detached; its catalogue must be this dataset's."""
+    from recsys.bundle import load_bundle  # deferred: recsys.bundle imports the model registry
+
+    bundle = load_bundle(bundle_path)
+    if bundle.model.num_items != num_items:
+        raise ValueError(f"item table bundle {bundle_path} has {bundle.model.num_items} items, "
+                         f"this dataset {num_items}: train it on the same dataset")
+    try:
+        table = bundle.model.item_embeddings()
+    except NotImplementedError:
+        raise ValueError(f"{bundle_path} ({bundle.model.name}) has no item table to borrow") from None
+    return table.detach().float().clone()
+
+
+@torch.no_grad()
+def is_causal(backbone: nn.Module) -> bool:
+    """Whether a change at the last position leaves the earlier positions' states unchanged (checked, since a
+    model type alone does not say it: BERT has a causal-LM head class too)."""
+    was_training = backbone.training
+    backbone.eval()
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 3, backbone.config.hidden_size, generator=generator)
+    y = x.clone()
+    y[:, -1] = torch.randn(backbone.config.hidden_size, generator=generator)  # not a shift: a norm would undo it
+    before, after = (backbone(inputs_embeds=z).last_hidden_state[:, :-1] for z in (x, y))
+    backbone.train(was_training)
+    return torch.allclose(before, after, atol=1e-5)
+
+
+def build_backbone(config: SLMRecConfig) -> nn.Module:
+    """The decoder: the first ``num_layers`` layers of a local pretrained model, or a random Llama."""
+    if config.backbone_path:
+        from transformers import AutoConfig, AutoModel
+
+        path = Path(config.backbone_path)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"backbone_path {path} is not a saved transformers model (no config.json)")
+        backbone_config = AutoConfig.from_pretrained(path, local_files_only=True)
+        depth = backbone_config.num_hidden_layers
+        if config.num_layers > depth:
+            raise ValueError(f"num_layers {config.num_layers} exceeds the backbone's {depth} layers")
+        # truncating the config before loading reads only the kept layers' weights (the rest are skipped)
+        backbone_config.num_hidden_layers = config.num_layers
+        if getattr(backbone_config, "layer_types", None):
+            backbone_config.layer_types = backbone_config.layer_types[: config.num_layers]
+        backbone = AutoModel.from_pretrained(path, config=backbone_config, local_files_only=True,
+                                             dtype=torch.float32)
+        # inputs come as embeddings: the token table is dead weight in the bundle
+        backbone.set_input_embeddings(nn.Embedding(1, backbone_config.hidden_size))
+        if not is_causal(backbone):
+            raise ValueError(f"backbone {path} ({backbone_config.model_type}) is not a causal decoder: "
+                             "all-position training would leak each target into its own input")
+        if config.lora_rank:
+            from peft import LoraConfig, get_peft_model
+
+            lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                              target_modules=list(LORA_TARGETS))
+            backbone = get_peft_model(backbone, lora)
+        return backbone
+    if config.lora_rank:
+        raise ValueError("lora_rank needs a pretrained backbone_path; a random backbone is trained in full")
+    from transformers import LlamaConfig, LlamaModel
+
+    h = config.hidden_size
+    if h % config.num_heads:
+        raise ValueError(f"hidden_size {h} is not divisible by num_heads {config.num_heads}")
+    llama = LlamaConfig(
+        vocab_size=1, hidden_size=h, num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_heads,
+        intermediate_size=config.intermediate_size or 8 * math.ceil(8 * h / 3 / 8),
+        max_position_embeddings=config.max_len, attention_dropout=config.dropout,
+        bos_token_id=None, eos_token_id=None, pad_token_id=None,
+    )
+    return LlamaModel(llama)
+
+
+@register
+class SLMRec(SequentialModel):
+    name = "slmrec"
+    Config = SLMRecConfig
+
+    def __init__(self, config: SLMRecConfig, num_items: int):
+        table, loaded = self._item_table(config, num_items)
+        if table is not None:
+            config = config.model_copy(update={"item_dim": table.shape[1]})
+        elif config.item_dim is None:
+            config = config.model_copy(update={"item_dim": config.hidden_size})
+        super().__init__(config, num_items)
+        self.backbone = build_backbone(config)
+        hidden = self.backbone.config.hidden_size
+        if table is not None:
+            # frozen (never a parameter, so never in the optimizer) but saved with the weights: the bundle is
+            # self-contained and loads without the SASRec bundle
+            self.register_buffer("item_table", table)
+            self._item_table_ready = loaded
+            self.register_load_state_dict_post_hook(self._mark_table_loaded)
+        else:
+            self.item_embedding = nn.Embedding(num_items + 1, config.item_dim, padding_idx=0)
+            self._item_table_ready = True
+        self.input_projection = nn.Linear(config.item_dim, hidden)  # P
+        self.input_dropout = nn.Dropout(config.dropout)
+        self.score_head = nn.Linear(hidden, config.item_dim, bias=False)
+        self.loss_fn = FullCrossEntropy()
+        self.blocks = config.distill_blocks or default_blocks(config.num_layers)
+        heads = self.blocks - 1 if config.teacher_bundle and config.supervision_weight > 0 else 0
+        self.supervision_heads = nn.ModuleList(nn.Linear(hidden, config.item_dim, bias=False) for _ in range(heads))
+
+    @staticmethod
+    def _item_table(config: SLMRecConfig, num_items: int) -> tuple[torch.Tensor | None, bool]:
+        """(table, loaded): the borrowed table, or a placeholder of the recorded width when the source bundle is
+        gone (a saved SLMRec bundle carries the table in its weights); (None, True) for a learned table."""
+        if config.item_table_bundle is None:
+            return None, True
+        if Path(config.item_table_bundle).is_dir():
+            table = load_item_table(config.item_table_bundle, num_items)
+            if config.item_dim not in (None, table.shape[1]):
+                raise ValueError(f"item_dim {config.item_dim} != width {table.shape[1]} of {config.item_table_bundle}")
+            return table, True
+        if config.item_dim is None:
+            raise FileNotFoundError(f"item_table_bundle {config.item_table_bundle} not found")
+        return torch.zeros(num_items + 1, config.item_dim), False
+
+    @staticmethod
+    def _mark_table_loaded(module: "SLMRec", incompatible) -> None:
+        if "item_table" not in incompatible.missing_keys:
+            module._item_table_ready = True
+
+    def item_embeddings(self) -> torch.Tensor:
+        if not self._item_table_ready:
+            raise RuntimeError(f"item_table_bundle {self.config.item_table_bundle} is missing and no weights were "
+                               "loaded: the item table is a placeholder")
+        return self.item_table if hasattr(self, "item_table") else self.item_embedding.weight
+
+    def layer_states(self, items: torch.Tensor, all_layers: bool = False) -> tuple[torch.Tensor, ...]:
+        """Backbone states for left-padded ``items`` (B, T): (final,) or every ``hidden_states[k]``, k = 0…N
+        (k = 0 the projected inputs; the last one after the backbone's final norm)."""
+        if items.shape[1] > self.config.max_len:
+            raise ValueError(f"sequence of width {items.shape[1]} exceeds max_len {self.config.max_len}")
+        real = items != 0
+        inputs = self.input_dropout(self.input_projection(self.item_embeddings()[items]))
+        positions = (real.long().cumsum(1) - 1).clamp_min(0)
+        out = self.backbone(inputs_embeds=inputs, attention_mask=real.long(), position_ids=positions,
+                            output_hidden_states=all_layers, use_cache=False)
+        return tuple(out.hidden_states) if all_layers else (out.last_hidden_state,)
+
+    def encode(self, batch):
+        return self.score_head(self.layer_states(batch.items)[-1][:, -1, :])
+
+    def loss(self, batch):
+        table = self.item_embeddings()
+        distilling = self.config.teacher_bundle is not None
+        states = self.layer_states(batch.items, all_layers=distilling)
+        loss = supervised_loss(self.loss_fn, self.score_head(states[-1]), batch, table)
+        if not distilling:
+            return loss
+        return loss + self.distillation_terms(batch, states, table)
+
+    def distillation_terms(self, batch, states: tuple[torch.Tensor, ...], table: torch.Tensor) -> torch.Tensor:
+        """w_KD·L_KD + λ_ms·L_MS at the supervised positions (each one the last token of its prefix)."""
+        c = self.config
+        teacher = self.teacher()
+        supervised = batch.targets != 0
+        with torch.no_grad():
+            teacher_states = teacher.layer_states(batch.items, all_layers=True)
+        pairs = block_alignment(c.num_layers, teacher.config.num_layers, self.blocks)
+        kd = block_distillation_loss([states[s][supervised] for s, _ in pairs],
+                                     [teacher_states[t][supervised] for _, t in pairs],
+                                     c.distill_cosine_weight, c.distill_l2_weight)
+        terms = c.distill_weight * kd
+        for head, (s, _) in zip(self.supervision_heads, pairs[:-1]):
+            terms = terms + c.supervision_weight * supervised_loss(self.loss_fn, head(states[s]), batch, table)
+        return terms
+
+    def teacher(self) -> "SLMRec":
+        """The frozen teacher, loaded on first use and kept outside module registration: it is never in
+        ``state_dict`` (so never saved in the student bundle), ``parameters()`` or the optimizer."""
+        teacher = self.__dict__.get("_teacher")
+        if teacher is None:
+            teacher = self._load_teacher()
+            object.__setattr__(self, "_teacher", teacher)
+        device = self.input_projection.weight.device
+        if next(teacher.parameters()).device != device:
+            teacher.to(device)
+        return teacher
+
+    def _load_teacher(self) -> "SLMRec":
+        from recsys.bundle import load_bundle
+
+        teacher = load_bundle(self.config.teacher_bundle).model
+        if teacher.name != self.name:
+            raise ValueError(f"teacher bundle {self.config.teacher_bundle} is a {teacher.name!r}, not an slmrec")
+        if teacher.num_items != self.num_items:
+            raise ValueError(f"teacher has {teacher.num_items} items, the student {self.num_items}")
+        if teacher.backbone.config.hidden_size != self.backbone.config.hidden_size:
+            raise ValueError("teacher and student need the same hidden size (model-specs §6: project first "
+                             "otherwise; not implemented)")
+        if not torch.equal(teacher.item_embeddings().cpu(), self.item_embeddings().detach().cpu()):
+            raise ValueError("teacher and student must share the same frozen item table (item_table_bundle)")
+        block_alignment(self.config.num_layers, teacher.config.num_layers, self.blocks)  # validates B
+        teacher.requires_grad_(False)
+        return teacher.eval()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if "_teacher" in self.__dict__:
+            self._teacher.eval()  # the teacher's dropout stays off whatever mode the student is in
+        return self
+
+    def scoring_parameters(self) -> int:
+        """Parameters used to score (the supervision heads only train)."""
+        return self.num_parameters() - sum(p.numel() for p in self.supervision_heads.parameters())
+
+    def extra_repr(self) -> str:
+        return f"num_items={self.num_items}, item_dim={self.config.item_dim}, blocks={self.blocks}"
+

@@ -1,0 +1,324 @@
+"""SLMRec (model-specs §6): backbone loading and truncation, the frozen borrowed item table, left padding,
+block-aligned distillation with a frozen teacher kept out of the student, bundles, and the distillation recipe
+end to end through the command line with linked MLflow runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from recsys.bundle import load_bundle, save_bundle
+from recsys.models import build_model
+from recsys.models.slmrec import block_alignment, block_distillation_loss, default_blocks
+from tests.helpers import left_padded_batch
+
+NUM_ITEMS = 20
+TINY = {"hidden_size": 16, "num_heads": 2, "max_len": 12, "dropout": 0.0}
+ROWS = [[3, 4, 5, 6, 7], [7, 8], [9, 1, 2]]
+
+
+def items_frame(num_items: int = NUM_ITEMS) -> pd.DataFrame:
+    idx = np.arange(1, num_items + 1)
+    return pd.DataFrame({"item_idx": idx, "item_id": [f"it{i}" for i in idx]})
+
+
+def save(path: Path, model) -> Path:
+    return save_bundle(path, model.eval(), {"exclude_seen": True}, items_frame(model.num_items), {})
+
+
+@pytest.fixture
+def sasrec_bundle(tmp_path) -> Path:
+    torch.manual_seed(1)
+    return save(tmp_path / "sasrec", build_model("sasrec", NUM_ITEMS, {"hidden_size": 8, "max_len": 12}))
+
+
+def causal_batch(rows, width):
+    """A training batch: inputs e₁…e_{m−1}, targets e₂…e_m, left-padded."""
+    batch = left_padded_batch([r[:-1] for r in rows], width)
+    batch.targets = left_padded_batch([r[1:] for r in rows], width).items
+    return batch
+
+
+def scores(model, rows, width):
+    with torch.no_grad():
+        return model.encode(left_padded_batch(rows, width)) @ model.item_embeddings().T
+
+
+def test_random_backbone_has_the_configured_shape():
+    model = build_model("slmrec", NUM_ITEMS, {**TINY, "num_layers": 3})
+    assert len(model.backbone.layers) == 3 and model.backbone.config.hidden_size == 16
+    assert model.config.item_dim == 16  # a learned table defaults to the backbone width
+    assert scores(model.eval(), ROWS, 5).shape == (3, NUM_ITEMS + 1)
+    with pytest.raises(ValueError, match="exceeds max_len"):
+        model.encode(left_padded_batch([list(range(1, 14))], 13))
+    with pytest.raises(ValueError, match="divisible"):
+        build_model("slmrec", NUM_ITEMS, {**TINY, "num_heads": 3})
+    with pytest.raises(ValueError, match="backbone_path"):
+        build_model("slmrec", NUM_ITEMS, {**TINY, "lora_rank": 4})
+
+
+def save_llama(path: Path, layers: int = 4, causal_lm: bool = False) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
+
+    torch.manual_seed(3)
+    config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=layers,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    model = (LlamaForCausalLM if causal_lm else LlamaModel)(config)
+    model.save_pretrained(path)
+    return model
+
+
+@pytest.mark.parametrize("causal_lm", [False, True])
+def test_backbone_loads_from_a_local_directory_truncated_to_its_first_layers(tmp_path, causal_lm):
+    saved = save_llama(tmp_path / "llama", layers=4, causal_lm=causal_lm)
+    saved_layers = (saved.model if causal_lm else saved).layers
+    model = build_model("slmrec", NUM_ITEMS, {"backbone_path": str(tmp_path / "llama"), "num_layers": 2,
+                                              "max_len": 12, "hidden_size": 999})
+    assert len(model.backbone.layers) == 2 and model.backbone.config.num_hidden_layers == 2
+    assert model.backbone.config.hidden_size == 16  # the backbone's width wins over hidden_size
+    for kept, original in zip(model.backbone.layers, saved_layers[:2]):
+        for (name, p), q in zip(kept.named_parameters(), original.parameters()):
+            assert torch.equal(p, q), name
+    assert model.backbone.get_input_embeddings().weight.shape[0] == 1  # token table dropped
+    assert scores(model.eval(), ROWS, 5).shape == (3, NUM_ITEMS + 1)
+    with pytest.raises(ValueError, match="exceeds the backbone's 4 layers"):
+        build_model("slmrec", NUM_ITEMS, {"backbone_path": str(tmp_path / "llama"), "num_layers": 5})
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        build_model("slmrec", NUM_ITEMS, {"backbone_path": str(tmp_path / "nowhere")})
+
+
+def test_a_non_causal_backbone_is_refused(tmp_path):
+    from transformers import BertConfig, BertModel
+
+    BertModel(BertConfig(vocab_size=8, hidden_size=8, num_hidden_layers=1, num_attention_heads=1,
+                         intermediate_size=8)).save_pretrained(tmp_path / "bert")
+    with pytest.raises(ValueError, match="not a causal decoder"):
+        build_model("slmrec", NUM_ITEMS, {"backbone_path": str(tmp_path / "bert"), "num_layers": 1})
+
+
+def test_lora_trains_only_adapters_of_a_loaded_backbone(tmp_path):
+    save_llama(tmp_path / "llama", layers=2)
+    model = build_model("slmrec", NUM_ITEMS, {"backbone_path": str(tmp_path / "llama"), "num_layers": 2,
+                                              "max_len": 12, "lora_rank": 2})
+    trainable = [n for n, p in model.backbone.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert {n.split(".lora_")[0].split(".")[-1] for n in trainable} == {"gate_proj", "up_proj", "down_proj"}
+    model.loss(causal_batch(ROWS, 4)).backward()
+    assert all(p.grad is not None for n, p in model.backbone.named_parameters() if "lora_B" in n)
+    # a bundle round trip rebuilds the same adapter layout
+    bundle = load_bundle(save(tmp_path / "bundle", model))
+    torch.testing.assert_close(scores(bundle.model, ROWS, 5), scores(model.eval(), ROWS, 5))
+
+
+def test_left_padding_and_batch_width_never_change_a_score(sasrec_bundle):
+    torch.manual_seed(0)
+    model = build_model("slmrec", NUM_ITEMS, {**TINY, "num_layers": 2,
+                                              "item_table_bundle": str(sasrec_bundle)}).eval()
+    tight, wide = scores(model, ROWS, 5), scores(model, ROWS, 12)
+    alone = scores(model, ROWS[1:2], 2)
+    torch.testing.assert_close(wide, tight, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(alone[0], tight[1], rtol=1e-4, atol=1e-5)
+    # and the pads are really masked: a different history in the padded slots would otherwise leak in
+    assert not torch.allclose(scores(model, [[5, 6, 7, 8, 7]], 5)[0], tight[1])
+
+
+def test_borrowed_item_table_is_frozen_and_saved_with_the_model(sasrec_bundle, tmp_path):
+    sasrec = load_bundle(sasrec_bundle).model
+    torch.manual_seed(0)
+    model = build_model("slmrec", NUM_ITEMS, {**TINY, "num_layers": 2, "item_table_bundle": str(sasrec_bundle)})
+    assert model.config.item_dim == 8  # d_i read from the SASRec bundle
+    assert torch.equal(model.item_embeddings(), sasrec.item_embeddings())
+    assert "item_table" not in dict(model.named_parameters()) and "item_table" in model.state_dict()
+    before = model.item_table.clone()
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model.train()
+    model.loss(causal_batch(ROWS, 4)).backward()
+    assert not model.item_table.requires_grad and model.item_table.grad is None
+    assert model.input_projection.weight.grad is not None and model.score_head.weight.grad is not None
+    optimizer.step()
+    assert torch.equal(model.item_table, before)
+
+    # the SLMRec bundle is self-contained: it loads after the SASRec bundle is gone
+    bundle_dir = save(tmp_path / "slmrec", model)
+    expected = scores(model.eval(), ROWS, 5)
+    shutil.rmtree(sasrec_bundle)
+    loaded = load_bundle(bundle_dir).model
+    torch.testing.assert_close(scores(loaded, ROWS, 5), expected)
+    assert torch.equal(loaded.item_embeddings(), before)
+    # but a model built without the table's source and never loaded refuses to score with a placeholder
+    orphan = build_model("slmrec", NUM_ITEMS, loaded.config)
+    with pytest.raises(RuntimeError, match="placeholder"):
+        orphan.item_embeddings()
+
+
+def test_item_table_of_another_catalogue_is_refused(sasrec_bundle):
+    with pytest.raises(ValueError, match="has 20 items, this dataset 25"):
+        build_model("slmrec", 25, {**TINY, "item_table_bundle": str(sasrec_bundle)})
+    with pytest.raises(FileNotFoundError, match="not found"):
+        build_model("slmrec", NUM_ITEMS, {**TINY, "item_table_bundle": str(sasrec_bundle) + "-missing"})
+
+
+def test_block_alignment_follows_the_spec():
+    assert block_alignment(8, 32, 4) == [(2, 8), (4, 16), (6, 24), (8, 32)]  # model-specs §6
+    assert block_alignment(2, 8, 2) == [(1, 4), (2, 8)]
+    assert default_blocks(2) == 2 and default_blocks(8, 32) == 4 and default_blocks(3) == 1
+    with pytest.raises(ValueError, match="must divide"):
+        block_alignment(2, 8, 4)
+
+
+def test_distillation_loss_matches_a_hand_computed_value():
+    s = [torch.tensor([[3.0, 4.0], [1.0, 0.0]])]
+    t = [torch.tensor([[3.0, 0.0], [1.0, 0.0]])]
+    # row 1: cos = 9 / (5·3) = 0.6, ‖s − t‖ = 4; row 2: identical
+    expected = ((1 - 0.6) * 2.0 + 0.5 * 4.0 + 0.0) / 2
+    assert block_distillation_loss(s, t, cosine_weight=2.0, l2_weight=0.5).item() == pytest.approx(expected)
+    two_blocks = block_distillation_loss(s * 2, t * 2, cosine_weight=2.0, l2_weight=0.5)
+    assert two_blocks.item() == pytest.approx(2 * expected)  # a sum over blocks
+    same = torch.randn(4, 3, requires_grad=True)
+    zero = block_distillation_loss([same], [same.detach().clone()])
+    zero.backward()
+    assert zero.item() == pytest.approx(0.0, abs=1e-6) and torch.isfinite(same.grad).all()
+
+
+def teacher_and_student(tmp_path, sasrec_bundle, teacher_layers=4, student_layers=2, **student_config):
+    base = {**TINY, "item_table_bundle": str(sasrec_bundle)}
+    torch.manual_seed(0)
+    teacher_dir = save(tmp_path / "teacher", build_model("slmrec", NUM_ITEMS, {**base, "num_layers": teacher_layers}))
+    student = build_model("slmrec", NUM_ITEMS, {**base, "num_layers": student_layers,
+                                                "teacher_bundle": str(teacher_dir), **student_config})
+    return teacher_dir, student
+
+
+def test_teacher_is_frozen_and_never_part_of_the_student(tmp_path, sasrec_bundle):
+    teacher_dir, student = teacher_and_student(tmp_path, sasrec_bundle)
+    assert len(student.supervision_heads) == 1  # B = 2 blocks for N = 2: one head below the last block
+    student.train()
+    loss = student.loss(causal_batch(ROWS, 4))
+    teacher = student.teacher()
+    assert not teacher.training  # student.train() never switches the teacher's dropout on
+    plain = build_model("slmrec", NUM_ITEMS, {**student.config.model_dump(), "teacher_bundle": None,
+                                              "supervision_weight": 0.0})
+    plain.load_state_dict({k: v for k, v in student.state_dict().items() if "supervision" not in k})
+    assert loss.item() > plain.train().loss(causal_batch(ROWS, 4)).item()  # KD and MS terms are added
+    loss.backward()
+    assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+    assert student.supervision_heads[0].weight.grad is not None
+    own = {id(p) for p in student.parameters()}
+    assert not any(id(p) in own for p in teacher.parameters())
+    assert not any(k.startswith("_teacher") or "teacher" in k for k in student.state_dict())
+    saved = load_bundle(save(tmp_path / "student", student))
+    assert set(saved.model.state_dict()) == set(student.state_dict())
+    assert "_teacher" not in saved.model.__dict__  # loading a student never loads its teacher
+
+
+def test_distillation_term_is_zero_when_the_student_equals_the_teacher_at_aligned_layers(tmp_path, sasrec_bundle):
+    teacher_dir, student = teacher_and_student(tmp_path, sasrec_bundle, teacher_layers=2, student_layers=2,
+                                               supervision_weight=0.0)
+    student.load_state_dict(load_bundle(teacher_dir).model.state_dict())
+    batch = causal_batch(ROWS, 4)
+    student.eval()
+    states = student.layer_states(batch.items, all_layers=True)
+    term = student.distillation_terms(batch, states, student.item_embeddings())
+    assert term.item() == pytest.approx(0.0, abs=1e-5)
+    with torch.no_grad():
+        student.input_projection.weight.add_(0.1)
+    states = student.layer_states(batch.items, all_layers=True)
+    assert student.distillation_terms(batch, states, student.item_embeddings()).item() > 1e-3
+
+
+def test_teacher_of_incompatible_depth_or_table_is_refused(tmp_path, sasrec_bundle):
+    _, student = teacher_and_student(tmp_path, sasrec_bundle, teacher_layers=3, student_layers=2)
+    with pytest.raises(ValueError, match="must divide"):
+        student.loss(causal_batch(ROWS, 4))
+    torch.manual_seed(5)
+    other = save(tmp_path / "other", build_model("slmrec", NUM_ITEMS, {**TINY, "num_layers": 4}))
+    student = build_model("slmrec", NUM_ITEMS, {**TINY, "num_layers": 2, "item_table_bundle": str(sasrec_bundle),
+                                                "teacher_bundle": str(other)})
+    with pytest.raises(ValueError, match="share the same frozen item table"):
+        student.loss(causal_batch(ROWS, 4))
+
+
+def test_bundle_round_trip_gives_the_same_scores(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("slmrec", NUM_ITEMS, {**TINY, "num_layers": 2}).eval()
+    bundle = load_bundle(save(tmp_path / "b", model))
+    torch.testing.assert_close(scores(bundle.model, ROWS, 5), scores(model, ROWS, 5))
+
+
+def test_distill_command_writes_the_distillation_metrics_and_links_the_runs(tmp_path, capsys):
+    from mlflow import MlflowClient
+
+    from recsys.cli import main
+
+    assert main(["data", "build", "--dataset", "synthetic", "--set", "num_users=300", "--set", "num_items=120"]) == 0
+    dataset = capsys.readouterr().out.strip()
+    out = tmp_path / "distill"
+    code = main(["distill", "--dataset", dataset, "--teacher-layers", "4", "--epochs", "1", "--out", str(out),
+                 "--set", "hidden_size=16", "--set", "num_heads=2", "--set", "max_len=20",
+                 "--set", "sasrec.hidden_size=16", "--no-progress"])
+    assert code == 0
+    printed = json.loads(capsys.readouterr().out)
+    metrics = json.loads((out / "student" / "metrics.json").read_text())
+    figures = metrics["distillation"]
+    assert figures == printed["distillation"]
+    for key in ("teacher_ndcg@10", "student_ndcg@10", "teacher_layers", "student_layers", "teacher_params",
+                "student_params", "speedup"):
+        assert key in figures, key
+    teacher_metrics = json.loads((out / "teacher" / "metrics.json").read_text())
+    assert figures["teacher_layers"] == 4 and figures["student_layers"] == 1
+    assert figures["teacher_ndcg@10"] == teacher_metrics["test"]["ndcg@10"]
+    assert figures["student_ndcg@10"] == metrics["test"]["ndcg@10"]
+    assert figures["teacher_params"] > figures["student_params"] > 0 and figures["speedup"] > 0
+    student_config = json.loads((out / "student" / "config.json").read_text())["model_config"]
+    assert student_config["num_layers"] == 1 and student_config["teacher_bundle"] == str((out / "teacher").resolve())
+
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    name = json.loads((Path(dataset) / "manifest.json").read_text())["name"]
+    runs = client.search_runs([client.get_experiment_by_name(name).experiment_id])
+    by_role = {r.data.tags.get("distill_role", r.info.run_name): r for r in runs}
+    assert set(by_role) == {"item_table", "teacher", "student", "slmrec-distill"}
+    parent = by_role["slmrec-distill"]
+    for role in ("item_table", "teacher", "student"):
+        assert by_role[role].data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert by_role["student"].data.tags["teacher_run_id"] == by_role["teacher"].info.run_id
+    assert parent.data.tags["teacher_run_id"] == by_role["teacher"].info.run_id
+    assert parent.data.metrics["speedup"] == pytest.approx(figures["speedup"])
+    assert by_role["student"].data.metrics["distillation_student_ndcg_at_10"] == pytest.approx(
+        figures["student_ndcg@10"])
+    assert parent.info.status == "FINISHED"
+
+
+def test_distill_rejects_settings_the_recipe_owns(tmp_path):
+    from recsys.distill import distill_run, split_by_role
+
+    assert split_by_role({"lr": 1, "student.lr": 2, "sasrec.hidden_size": 8}) == {
+        "sasrec": {"hidden_size": 8}, "teacher": {"lr": 1}, "student": {"lr": 2}}
+    with pytest.raises(ValueError, match="set by the recipe"):
+        split_by_role({"num_layers": 2})
+    with pytest.raises(ValueError, match="prefix"):
+        split_by_role({"tutor.lr": 2})
+    with pytest.raises(ValueError, match="student layers"):
+        distill_run("synthetic", teacher_layers=2)  # 2 // 4 = 0 layers
+
+
+def test_report_gives_slmrec_the_item_table_of_the_sasrec_trained_before_it(tmp_path, capsys, monkeypatch):
+    from recsys.cli import main
+
+    assert main(["data", "build", "--dataset", "synthetic", "--set", "num_users=300", "--set", "num_items=120"]) == 0
+    dataset = Path(capsys.readouterr().out.strip())
+    monkeypatch.chdir(tmp_path)
+    assert main(["report", "--dataset", str(dataset), "--models", "sasrec", "slmrec", "--epochs", "1",
+                 "--set", "hidden_size=16", "--set", "num_layers=1", "--set", "num_heads=2", "--no-track"]) == 0
+    name = json.loads((dataset / "manifest.json").read_text())["name"]
+    assert "| slmrec |" in (tmp_path / "reports" / name / "eval.md").read_text()
+    slmrec = load_bundle(tmp_path / "runs" / name / "slmrec")
+    sasrec = load_bundle(tmp_path / "runs" / name / "sasrec")
+    assert slmrec.config["model_config"]["item_table_bundle"] == str(sasrec.path.resolve())
+    assert torch.equal(slmrec.model.item_embeddings(), sasrec.model.item_embeddings())
