@@ -1,4 +1,8 @@
-"""A model as the service holds it: the bundle's network, its id map and titles, and its two faiss indexes.
+"""A model as the service holds it: the bundle's network, its id map and titles, and its faiss indexes.
+
+Score-based models rank through an inner-product index over their item table; generative models (TIGER) rank by
+their own trie-constrained beam search (``model.recommend``) and have no recommend index. ``/similar`` always uses
+a cosine index over ``model.similar_item_vectors()`` (the item table, or TIGER's text embeddings).
 
 Loading resolves a source (a bundle directory under an allowed root, or a ``models:/`` URI of this platform's
 MLflow registry), builds or reuses the indexes for that model version, and returns an immutable
@@ -47,7 +51,7 @@ class ServedModel:
     item_ids: np.ndarray  # object array, position = item_idx (0 = padding, None)
     titles: np.ndarray  # object array, position = item_idx
     popularity: np.ndarray  # float64, position = item_idx
-    recommend_index: ItemIndex
+    recommend_index: ItemIndex | None  # None for generative models: they rank by beam search
     similar_index: ItemIndex
     metrics: dict
     id_to_idx: dict[str, int] = field(repr=False, default_factory=dict)
@@ -60,9 +64,15 @@ class ServedModel:
     def num_items(self) -> int:
         return len(self.item_ids) - 1
 
+    @property
+    def generative(self) -> bool:
+        return self.recommend_index is None
+
     def describe(self) -> dict:
+        ranking = ({"kind": "beam search", "beam_width": int(self.model.config.beam_width)} if self.generative
+                   else self.recommend_index.meta())
         return {"name": self.name, "version": self.version, "source": self.source, "num_items": self.num_items,
-                "max_len": self.max_len, "recommend_index": self.recommend_index.meta(),
+                "max_len": self.max_len, "recommend_index": ranking,
                 "similar_index": self.similar_index.meta(),
                 "test_metrics": {k: v for k, v in self.metrics.get("test", {}).items()
                                  if k in ("hr@10", "ndcg@10", "mrr", "exclude_seen")}}
@@ -84,10 +94,24 @@ class ServedModel:
             if not len(q.history):
                 out[i] = self.popular(q.k, q.excluded)
         if with_history:
-            vectors = self.encode([queries[i] for i in with_history])
-            for i, ranked in zip(with_history, self._search(vectors, [queries[i] for i in with_history])):
-                out[i] = ranked
+            chosen = [queries[i] for i in with_history]
+            ranked = self._generate(chosen) if self.generative else self._search(self.encode(chosen), chosen)
+            for i, one in zip(with_history, ranked):
+                out[i] = one
         return out  # type: ignore[return-value]
+
+    @torch.no_grad()
+    def _generate(self, queries: list[Query]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """One beam search for the micro-batch, asked for enough items that every query keeps k after its
+        exclusions (the trie makes every returned id a real, distinct item)."""
+        fetch = min(self.num_items, max(q.k + len(np.unique(q.excluded)) for q in queries))
+        batch = pad_histories([(q.history, q.times) for q in queries], self.max_len)
+        items, scores = self.model.recommend(batch, fetch)
+        out = []
+        for q, row, row_scores in zip(queries, items.numpy(), scores.float().numpy()):
+            keep = (row > 0) & ~np.isin(row, q.excluded)  # 0 pads a list that ran short
+            out.append((row[keep][: q.k], row_scores[keep][: q.k]))
+        return out
 
     def _search(self, vectors: np.ndarray, queries: list[Query]) -> list[tuple[np.ndarray, np.ndarray]]:
         """Over-fetch by the number of excluded items (enough for an exact index). An approximate index may still
@@ -238,14 +262,17 @@ def sample_queries(model: torch.nn.Module, popularity: np.ndarray, n: int, seed:
     return torch.cat(out).float().numpy()
 
 
-def indexes_for(model: torch.nn.Module, table: np.ndarray, popularity: np.ndarray, bundle_dir: Path,
-                fingerprint: str, settings: ServiceSettings) -> tuple[ItemIndex, ItemIndex]:
-    """The inner-product index (recommend, tuned on sampled user queries) and the cosine index (similar, tuned
-    on the items themselves), loaded when saved for this fingerprint, else built and saved."""
+def indexes_for(model: torch.nn.Module, table: np.ndarray | None, similar: np.ndarray, popularity: np.ndarray,
+                bundle_dir: Path, fingerprint: str, settings: ServiceSettings) -> tuple[ItemIndex | None, ItemIndex]:
+    """The inner-product index over the scoring ``table`` (recommend, tuned on sampled user queries; None when the
+    model has no table) and the cosine index over the ``similar`` vectors (tuned on the items themselves), loaded
+    when saved for this fingerprint, else built and saved."""
     directory = _index_dir(bundle_dir, fingerprint, settings)
-    normed = table / np.maximum(np.linalg.norm(table, axis=1, keepdims=True), 1e-12)
-    out = []
+    normed = similar / np.maximum(np.linalg.norm(similar, axis=1, keepdims=True), 1e-12)
+    out: dict[str, ItemIndex | None] = {"recommend": None}
     for name, vectors in (("recommend", table), ("similar", normed)):
+        if vectors is None:
+            continue
         index = load_index(directory, name, fingerprint, settings.index)
         if index is None:
             queries = None
@@ -253,8 +280,8 @@ def indexes_for(model: torch.nn.Module, table: np.ndarray, popularity: np.ndarra
                 queries = sample_queries(model, popularity, settings.index.tuning_queries)
             index = build_index(vectors, settings.index, queries)
             save_index(index, directory, name, fingerprint)
-        out.append(index)
-    return out[0], out[1]
+        out[name] = index
+    return out["recommend"], out["similar"]
 
 
 def load_served_model(source: str, settings: ServiceSettings) -> ServedModel:
@@ -266,8 +293,10 @@ def load_served_model(source: str, settings: ServiceSettings) -> ServedModel:
     bundle = load_bundle(bundle_dir)
     weights_hash = _file_sha256(bundle_dir / "weights.safetensors")
     version = version or weights_hash[:12]
+    model = bundle.model
     with torch.no_grad():
-        table = bundle.model.item_embeddings()[1:].float().cpu().numpy()
+        similar = model.similar_item_vectors()[1:].float().cpu().numpy()
+        table = None if model.generative else model.item_embeddings()[1:].float().cpu().numpy()
     items = bundle.items.sort_values("item_idx")
     num_items = bundle.config["num_items"]
     item_ids = np.empty(num_items + 1, dtype=object)
@@ -281,7 +310,8 @@ def load_served_model(source: str, settings: ServiceSettings) -> ServedModel:
         popularity[idx] = items["popularity"].to_numpy(dtype=np.float64)
     # an index is reused only for the same weights and the same index settings
     fingerprint = hashlib.sha256(f"{weights_hash}:{settings.index.model_dump_json()}".encode()).hexdigest()
-    recommend_index, similar_index = indexes_for(bundle.model, table, popularity, bundle_dir, fingerprint, settings)
+    recommend_index, similar_index = indexes_for(model, table, similar, popularity, bundle_dir, fingerprint,
+                                                 settings)
     return ServedModel(name=bundle.config["model"], version=version, source=source, model=bundle.model,
                        max_len=int(bundle.model.config.max_len), item_ids=item_ids, titles=titles,
                        popularity=popularity, recommend_index=recommend_index, similar_index=similar_index,

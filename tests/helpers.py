@@ -38,3 +38,21 @@ def left_padded_batch(rows, width: int, times=None) -> SequenceBatch:
         items[i, width - len(row):] = torch.tensor(row)
         stamps[i, width - len(row):] = torch.tensor(times[i] if times else [60 * (j + 1) for j in range(len(row))])
     return SequenceBatch(items=items, times=stamps)
+
+
+TINY_TIGER = {"codebook_size": 4, "text_dim": 8, "d_model": 32, "num_heads": 2, "head_dim": 16, "d_ff": 64,
+              "num_encoder_layers": 1, "num_decoder_layers": 1, "dropout": 0.0, "max_len": 12}
+
+
+def random_embeddings(n: int, dim: int = 8, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(n, dim)).astype(np.float32)
+
+
+def fitted_tiny_tiger(num_items: int, seed: int = 0, **extra):
+    """A random-weight TIGER whose semantic ids come from random 'text' embeddings (no encoder needed)."""
+    from recsys.models import build_model
+
+    torch.manual_seed(seed)
+    model = build_model("tiger", num_items, {**TINY_TIGER, **extra})
+    model.fit_semantic_ids(random_embeddings(num_items, TINY_TIGER["text_dim"]))
+    return model

@@ -11,6 +11,7 @@ import torch
 import recsys.models  # noqa: F401  (registers the models)
 from recsys.bundle import save_bundle
 from recsys.models.base import build_model
+from tests.helpers import fitted_tiny_tiger
 
 NUM_ITEMS = 40
 
@@ -22,7 +23,10 @@ def toy_items(num_items: int = NUM_ITEMS) -> pd.DataFrame:
 
 
 def make_bundle(path: Path, model: str = "sasrec", seed: int = 0, **config) -> Path:
-    torch.manual_seed(seed)
-    network = build_model(model, NUM_ITEMS, {"hidden_size": 16, "max_len": 8, **config})
+    if model == "tiger":  # generative: semantic ids from random "text", no hidden_size
+        network = fitted_tiny_tiger(NUM_ITEMS, seed=seed, **{"max_len": 8, **config})
+    else:
+        torch.manual_seed(seed)
+        network = build_model(model, NUM_ITEMS, {"hidden_size": 16, "max_len": 8, **config})
     metrics = {"test": {"hr@10": 0.5, "ndcg@10": 0.25, "mrr": 0.2, "exclude_seen": True}}
     return save_bundle(path, network.eval(), {"exclude_seen": True}, toy_items(), metrics)

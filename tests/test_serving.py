@@ -254,9 +254,7 @@ def test_ivf_tuning_reaches_the_target_recall_and_the_saved_index_round_trips(tm
     assert not list(tmp_path.glob(".*.tmp"))
 
 
-# generative models (tiger) rank by beam search, not by a faiss index over item embeddings: the service does not
-# serve them yet
-@pytest.mark.parametrize("name", sorted(n for n, cls in MODELS.items() if cls.trainable and not cls.generative))
+@pytest.mark.parametrize("name", sorted(n for n, cls in MODELS.items() if cls.trainable))
 def test_every_trainable_model_is_servable(tmp_path, name):
     bundle = make_bundle(tmp_path / "bundles" / name, model=name)
     settings = ServiceSettings(bundles=[str(bundle)], cache_dir=str(tmp_path / "cache"))
@@ -265,3 +263,30 @@ def test_every_trainable_model_is_servable(tmp_path, name):
                                              "k": 7}).json()
         assert body["model"] == name and len(body["items"]) == 7
         assert len(c.get("/v1/items/it3/similar", params={"k": 3}).json()["items"]) == 3
+
+
+def test_generative_model_is_served_by_its_beam_search(tmp_path):
+    """TIGER has no item table: /recommend returns exactly its constrained beam search (exclusions applied after),
+    /similar ranks by the items' text embeddings."""
+    bundle_dir = make_bundle(tmp_path / "bundles" / "tiger", model="tiger")
+    settings = ServiceSettings(bundles=[str(bundle_dir)], cache_dir=str(tmp_path / "cache"))
+    history = ["it3", "it7", "it12", "it30"]
+    model = load_bundle(bundle_dir).model
+    idx = np.array([int(i.removeprefix("it")) for i in history])
+    with torch.no_grad():
+        items, scores = model.recommend(pad_histories([(idx, np.zeros_like(idx))], model.config.max_len), 5 + 4)
+    keep = ~np.isin(items[0].numpy(), idx)
+    expected = [f"it{i}" for i in items[0].numpy()[keep][:5]]
+    text = model.item_text[1:].numpy()
+    text = text / np.linalg.norm(text, axis=1, keepdims=True)
+    nearest = [f"it{i + 1}" for i in np.argsort(-(text @ text[2]), kind="stable") if i != 2][:3]
+    with TestClient(create_app(settings)) as c:
+        body = c.post("/v1/recommend", json={"history": history, "k": 5}).json()
+        assert [it["item_id"] for it in body["items"]] == expected
+        np.testing.assert_allclose([it["score"] for it in body["items"]], scores[0].numpy()[keep][:5], rtol=1e-5)
+        described = c.get("/v1/models").json()["models"][0]
+        assert described["recommend_index"]["kind"] == "beam search"
+        similar = c.get("/v1/items/it3/similar", params={"k": 3}).json()["items"]
+        assert [it["item_id"] for it in similar] == nearest
+        every = c.post("/v1/recommend", json={"history": ["it1"], "k": NUM_ITEMS - 1}).json()["items"]
+        assert sorted(int(it["item_id"].removeprefix("it")) for it in every) == list(range(2, NUM_ITEMS + 1))

@@ -19,22 +19,14 @@ from recsys.bundle import load_bundle, save_bundle
 from recsys.evaluation import evaluate, ranks_from_lists
 from recsys.models import build_model
 from recsys.trainer import TrainConfig, Trainer
-from tests.helpers import left_padded_batch, toy_split
+from tests.helpers import TINY_TIGER, fitted_tiny_tiger, left_padded_batch, random_embeddings, toy_split
 
 NUM_ITEMS = 20
-TINY = {"codebook_size": 4, "text_dim": 8, "d_model": 32, "num_heads": 2, "head_dim": 16, "d_ff": 64,
-        "num_encoder_layers": 1, "num_decoder_layers": 1, "dropout": 0.0, "max_len": 12}
-
-
-def random_embeddings(n: int, dim: int = 8, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).normal(size=(n, dim)).astype(np.float32)
+TINY = TINY_TIGER
 
 
 def tiny_tiger(num_items=NUM_ITEMS, **extra):
-    torch.manual_seed(0)
-    model = build_model("tiger", num_items, {**TINY, **extra})
-    model.fit_semantic_ids(random_embeddings(num_items, TINY["text_dim"]))
-    return model
+    return fitted_tiny_tiger(num_items, **extra)
 
 
 def successor_rows(n_rows=200, seed=0):

@@ -52,6 +52,11 @@ class SequentialModel(nn.Module):
     def loss(self, batch: SequenceBatch) -> torch.Tensor:
         raise NotImplementedError
 
+    def similar_item_vectors(self) -> torch.Tensor:
+        """Item vectors (V + 1, d), row 0 padding, whose cosine similarity defines "similar items" (the service's
+        ``/similar``): the scoring table by default; generative models, which have none, give content vectors."""
+        return self.item_embeddings()
+
     def prepare(self, dataset) -> None:
         """Look at the processed dataset once, after construction and before training (e.g. TIGER encodes item
         text and fits its semantic ids here). Whatever it learns must live in buffers or parameters whose shapes

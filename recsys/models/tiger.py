@@ -105,6 +105,8 @@ class TIGER(SequentialModel):
         self.heads = torch.nn.ModuleList(torch.nn.Linear(config.d_model, size) for size in self.sizes)
         # row i = item i's L+1 codes (row 0: padding, never read as an item)
         self.register_buffer("codes", torch.zeros(num_items + 1, len(self.sizes), dtype=torch.long))
+        # row i = item i's text embedding (what the codes quantise; /similar ranks by it)
+        self.register_buffer("item_text", torch.zeros(num_items + 1, config.text_dim))
         self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
         # items 1..trained_items had codes when the seq2seq was trained; later ones came through add_items
         self.register_buffer("trained_items", torch.tensor(num_items))
@@ -163,6 +165,7 @@ class TIGER(SequentialModel):
         full = resolve_collisions(codes)
         self._check_collision_level(full)
         self.codes[1:] = torch.from_numpy(full).to(self.codes.device)
+        self.item_text[1:] = torch.from_numpy(embeddings).to(self.item_text.device)
         self.fitted.fill_(True)
         self.trained_items.fill_(self.num_items)
         self.semantic_id_stats = {**code_statistics(codes, cfg.codebook_size), **extra}
@@ -210,8 +213,15 @@ class TIGER(SequentialModel):
         self._check_collision_level(full)
         new_ids = np.arange(self.num_items + 1, self.num_items + 1 + len(full))
         self.codes = torch.cat([self.codes, torch.from_numpy(full).to(self.codes.device)])
+        added_text = torch.as_tensor(np.asarray(embeddings, dtype=np.float32), device=self.item_text.device)
+        self.item_text = torch.cat([self.item_text, added_text])
         self.num_items += len(full)
         return new_ids
+
+    def similar_item_vectors(self) -> torch.Tensor:
+        """The items' text embeddings: TIGER has no scoring table, and its codes are quantised text."""
+        self._require_fitted()
+        return self.item_text
 
     def _require_fitted(self) -> None:
         if not bool(self.fitted):
