@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 DATASET ?= synthetic
-MODELS ?= pop sasrec
+MODELS ?= pop sasrec gru4rec mamba4rec
 EPOCHS ?=
 RAW_DIR ?=
 MODEL_URI ?=
