@@ -5,6 +5,7 @@
     recsys evaluate --bundle DIR [--split test|valid]                       prints the metrics as JSON
     recsys report --dataset NAME --models A B [--epochs N]                 what `make eval` runs
     recsys distill --dataset NAME [--raw-dir DIR] --teacher-layers M [--student-layers N] [--set key=value ...]
+    recsys distill --dataset NAME [--raw-dir DIR] --teacher-bundle DIR [--student-layers N] [--set key=value ...]
     recsys mlflow-ui                                                        the MLflow dashboard on 127.0.0.1:5000
     recsys serve [--bundle DIR ... | --model-uri models:/recsys-sasrec@champion ...] [--port 8000]
 """
@@ -71,7 +72,8 @@ def cmd_distill(args) -> int:
     from recsys.run import parse_overrides
 
     result = distill_run(args.dataset, args.teacher_layers, args.student_layers,
-                         item_table_bundle=args.item_table_bundle, raw_dir=args.raw_dir, data_root=args.data_root,
+                         item_table_bundle=args.item_table_bundle, teacher_bundle=args.teacher_bundle,
+                         raw_dir=args.raw_dir, data_root=args.data_root,
                          epochs=args.epochs, overrides=parse_overrides(args.set), seed=args.seed, out_root=args.out,
                          track=not args.no_track, progress=not args.no_progress)
     print(json.dumps({"teacher": str(result.teacher.bundle_dir), "student": str(result.student.bundle_dir),
@@ -149,10 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     dist = sub.add_parser("distill", help="SLMRec: train a teacher, then distil it into a student of M/4 layers")
     dist.add_argument("--dataset", required=True)
-    dist.add_argument("--teacher-layers", type=int, required=True)
+    dist.add_argument("--teacher-layers", type=int, default=None, help="required unless --teacher-bundle")
     dist.add_argument("--student-layers", type=int, default=None, help="default: teacher layers / 4")
     dist.add_argument("--item-table-bundle", default=None,
                       help="a trained bundle (SASRec) whose item table is borrowed; default: train SASRec first")
+    dist.add_argument("--teacher-bundle", default=None,
+                      help="reuse this trained slmrec teacher bundle instead of training one (its depth, item table "
+                           "and test metrics are read from it)")
     dist.add_argument("--out", default=None, help="root of the bundles (default runs/<dataset>/slmrec-distill)")
     dist.add_argument("--no-progress", action="store_true")
     common(dist)

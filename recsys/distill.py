@@ -7,6 +7,9 @@ under it, the student tagged with its ``teacher_run_id``. The student bundle's `
 ``distillation`` section (written with the bundle, atomically): both test NDCG@10, the kept fraction, depths,
 parameter counts and the teacher's over the student's scoring time on the same requests.
 
+A trained teacher bundle can be reused (``teacher_bundle``, CLI ``--teacher-bundle``): the teacher step is
+skipped and its depth and test metrics are read from the bundle (e.g. to distil several students from one teacher).
+
 Overrides: ``key=value`` applies to teacher and student; ``teacher.key``, ``student.key`` and ``sasrec.key``
 apply to that run only (e.g. ``student.lr=0.003``, ``sasrec.hidden_size=64``).
 """
@@ -36,6 +39,12 @@ class DistillResult:
     distillation: dict
     item_table_bundle: Path
     parent_run_id: str | None
+
+
+def json_config(bundle_dir: Path) -> dict:
+    import json
+
+    return json.loads((Path(bundle_dir) / "config.json").read_text())
 
 
 def split_by_role(overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -100,12 +109,40 @@ def distillation_figures(student, teacher, teacher_metrics: dict, student_metric
     }
 
 
+def student_depth(teacher_layers: int, student_layers: int | None) -> int:
+    student_layers = student_layers if student_layers is not None else teacher_layers // 4
+    if not 1 <= student_layers < teacher_layers:
+        raise ValueError(f"student layers must be between 1 and the teacher's {teacher_layers} - 1, "
+                         f"got {student_layers} (default M/4)")
+    return student_layers
+
+
+def reused_teacher(bundle_dir: str | Path, dataset_hash: str, teacher_layers: int | None) -> RunResult:
+    """A trained SLMRec teacher bundle as a ``RunResult`` (no MLflow run id: it is not this recipe's run)."""
+    import json
+
+    bundle_dir = Path(bundle_dir)
+    config_path, metrics_path = bundle_dir / "config.json", bundle_dir / "metrics.json"
+    if not config_path.is_file() or not metrics_path.is_file():
+        raise FileNotFoundError(f"teacher bundle {bundle_dir} has no config.json / metrics.json")
+    config = json.loads(config_path.read_text())
+    if config.get("model") != "slmrec":
+        raise ValueError(f"teacher bundle {bundle_dir} is a {config.get('model')!r}, not an slmrec")
+    if config["dataset"]["content_hash"] != dataset_hash:
+        raise ValueError(f"teacher bundle {bundle_dir} was trained on another dataset (content hash differs)")
+    layers = config["model_config"]["num_layers"]
+    if teacher_layers is not None and teacher_layers != layers:
+        raise ValueError(f"--teacher-layers {teacher_layers} but the teacher bundle has {layers} layers")
+    return RunResult(bundle_dir, json.loads(metrics_path.read_text()), None, None)
+
+
 def distill_run(
     dataset,
-    teacher_layers: int,
+    teacher_layers: int | None,
     student_layers: int | None = None,
     *,
     item_table_bundle: str | Path | None = None,
+    teacher_bundle: str | Path | None = None,
     raw_dir=None,
     data_root=None,
     epochs: int | None = None,
@@ -117,12 +154,17 @@ def distill_run(
     timing_requests: int = 4096,
     timing_repeats: int = 3,
 ) -> DistillResult:
-    """Train (SASRec,) teacher and student; return both runs and the ``distillation`` figures."""
-    student_layers = student_layers if student_layers is not None else teacher_layers // 4
-    if not 1 <= student_layers < teacher_layers:
-        raise ValueError(f"student layers must be between 1 and the teacher's {teacher_layers} - 1, "
-                         f"got {student_layers} (default M/4)")
+    """Train (SASRec,) teacher and student; return both runs and the ``distillation`` figures. With
+    ``teacher_bundle`` the teacher is reused, not trained (``teacher_layers`` may then be None)."""
+    if teacher_bundle is None:
+        if teacher_layers is None:
+            raise ValueError("the teacher's depth is needed (--teacher-layers) unless a teacher bundle is reused")
+        student_layers = student_depth(teacher_layers, student_layers)  # checked before any data is built
     ds = resolve_dataset(dataset, raw_dir=raw_dir, data_root=data_root)
+    reused = reused_teacher(teacher_bundle, ds.content_hash, teacher_layers) if teacher_bundle else None
+    if reused is not None:
+        teacher_layers = json_config(reused.bundle_dir)["model_config"]["num_layers"]
+        student_layers = student_depth(teacher_layers, student_layers)
     by_role = split_by_role(overrides or {})
     out_root = Path(out_root) if out_root else Path("runs") / ds.manifest["name"] / "slmrec-distill"
     common = dict(epochs=epochs, seed=seed, track=track, progress=progress)
@@ -133,9 +175,13 @@ def distill_run(
         parent = Tracker(experiment=ds.manifest["name"], run_name="slmrec-distill",
                          tags={"model": "slmrec", "dataset_hash": ds.content_hash})
         parent.log_params({"teacher_layers": teacher_layers, "student_layers": student_layers,
-                           "overrides": overrides or {}})
+                           "overrides": overrides or {},
+                           "teacher_bundle": str(Path(teacher_bundle).resolve()) if teacher_bundle else None})
     status = "FAILED"
     try:
+        if item_table_bundle is None and reused is not None:
+            # the student must share the teacher's frozen table (checked when the teacher loads)
+            item_table_bundle = json_config(reused.bundle_dir)["model_config"].get("item_table_bundle")
         if item_table_bundle is None:
             print("== SLMRec: training SASRec for the item table", file=sys.stderr)
             sasrec = train_run("sasrec", ds, overrides=by_role["sasrec"], out_dir=out_root / "sasrec",
@@ -143,9 +189,13 @@ def distill_run(
             item_table_bundle = sasrec.bundle_dir
         table = {"item_table_bundle": str(Path(item_table_bundle).resolve())}
 
-        print(f"== SLMRec: teacher, {teacher_layers} layers", file=sys.stderr)
-        teacher = train_run("slmrec", ds, overrides={**by_role["teacher"], **table, "num_layers": teacher_layers},
-                            out_dir=out_root / "teacher", tags={"distill_role": "teacher"}, **common)
+        if reused is not None:
+            print(f"== SLMRec: teacher, {teacher_layers} layers, reused from {reused.bundle_dir}", file=sys.stderr)
+            teacher = reused
+        else:
+            print(f"== SLMRec: teacher, {teacher_layers} layers", file=sys.stderr)
+            teacher = train_run("slmrec", ds, overrides={**by_role["teacher"], **table, "num_layers": teacher_layers},
+                                out_dir=out_root / "teacher", tags={"distill_role": "teacher"}, **common)
 
         figures: dict = {}
 
@@ -165,12 +215,14 @@ def distill_run(
         student_settings = {**by_role["student"], **table, "num_layers": student_layers,
                             "teacher_bundle": str(Path(teacher.bundle_dir).resolve())}
         student = train_run("slmrec", ds, overrides=student_settings, out_dir=out_root / "student",
-                            tags={"distill_role": "student", **({"teacher_run_id": teacher.run_id} if track else {})},
+                            tags={"distill_role": "student",
+                                  **({"teacher_run_id": teacher.run_id} if track and teacher.run_id else {})},
                             extra_metrics=add_distillation, **common)
         if parent:
             parent.log_metrics(figures)
             for key, run in (("teacher_run_id", teacher), ("student_run_id", student)):
-                parent.client.set_tag(parent.run_id, key, run.run_id)
+                if run.run_id:
+                    parent.client.set_tag(parent.run_id, key, run.run_id)
         status = "FINISHED"
         return DistillResult(teacher, student, figures, Path(item_table_bundle),
                              parent.run_id if parent else None)

@@ -117,6 +117,30 @@ def test_lora_trains_only_adapters_of_a_loaded_backbone(tmp_path):
     torch.testing.assert_close(scores(bundle.model, ROWS, 5), scores(model.eval(), ROWS, 5))
 
 
+@pytest.mark.parametrize("setup", ["random-1", "random-3", "loaded-gqa", "lora"])
+def test_scoring_runs_the_last_layer_at_the_last_position_only_with_the_same_result(tmp_path, setup):
+    torch.manual_seed(0)
+    if setup.startswith("random"):
+        config = {**TINY, "num_layers": int(setup[-1])}
+    else:
+        save_llama(tmp_path / "llama", layers=3)  # 2 query heads over 1 key/value head
+        config = {"backbone_path": str(tmp_path / "llama"), "num_layers": 3, "max_len": 12,
+                  "lora_rank": 2 if setup == "lora" else 0}
+    model = build_model("slmrec", NUM_ITEMS, config).eval()
+    body = model.backbone.get_base_model() if setup == "lora" else model.backbone
+    seen = []
+    body.layers[-1].mlp.register_forward_hook(lambda module, args, out: seen.append(args[0].shape))
+    rows = [*ROWS, [4]]
+    for width in (5, 12):
+        batch = left_padded_batch(rows, width)
+        with torch.no_grad():
+            full = model.score_head(model.layer_states(batch.items)[-1][:, -1])
+            seen.clear()
+            fast = model.encode(batch)
+        assert seen == [torch.Size([len(rows), body.config.hidden_size])]  # one state per row, not per position
+        torch.testing.assert_close(fast, full, rtol=1e-4, atol=1e-5)
+
+
 def test_left_padding_and_batch_width_never_change_a_score(sasrec_bundle):
     torch.manual_seed(0)
     model = build_model("slmrec", NUM_ITEMS, {**TINY, "num_layers": 2,
@@ -293,6 +317,22 @@ def test_distill_command_writes_the_distillation_metrics_and_links_the_runs(tmp_
     assert by_role["student"].data.metrics["distillation_student_ndcg_at_10"] == pytest.approx(
         figures["student_ndcg@10"])
     assert parent.info.status == "FINISHED"
+
+    # a trained teacher is reused, not retrained: its depth, table and metrics come from its bundle
+    again = tmp_path / "again"
+    code = main(["distill", "--dataset", dataset, "--teacher-bundle", str(out / "teacher"), "--student-layers", "2",
+                 "--epochs", "1", "--out", str(again), "--set", "hidden_size=16", "--set", "num_heads=2",
+                 "--set", "max_len=20", "--no-progress", "--no-track"])
+    assert code == 0 and not (again / "teacher").exists()
+    figures = json.loads((again / "student" / "metrics.json").read_text())["distillation"]
+    assert figures["teacher_layers"] == 4 and figures["student_layers"] == 2
+    assert figures["teacher_ndcg@10"] == teacher_metrics["test"]["ndcg@10"]
+    capsys.readouterr()
+    assert main(["distill", "--dataset", dataset, "--teacher-bundle", str(out / "teacher"), "--teacher-layers", "8",
+                 "--no-track"]) == 2
+    assert "the teacher bundle has 4 layers" in capsys.readouterr().err
+    assert main(["distill", "--dataset", dataset, "--teacher-bundle", str(out / "sasrec"), "--no-track"]) == 2
+    assert "not an slmrec" in capsys.readouterr().err
 
 
 def test_distill_rejects_settings_the_recipe_owns(tmp_path):

@@ -246,7 +246,52 @@ class SLMRec(SequentialModel):
         return tuple(out.hidden_states) if all_layers else (out.last_hidden_state,)
 
     def encode(self, batch):
-        return self.score_head(self.layer_states(batch.items)[-1][:, -1, :])
+        if self.training or self._llama_body() is None:
+            return self.score_head(self.layer_states(batch.items)[-1][:, -1, :])
+        return self.score_head(self.last_token_state(batch.items))
+
+    def _llama_body(self) -> nn.Module | None:
+        """The Llama decoder under the backbone (through a LoRA wrapper), or None for other architectures."""
+        body = self.backbone.get_base_model() if hasattr(self.backbone, "get_base_model") else self.backbone
+        return body if getattr(body.config, "model_type", None) == "llama" else None
+
+    def last_token_state(self, items: torch.Tensor) -> torch.Tensor:
+        """The final (normed) state at the last position, (B, hidden), equal to ``layer_states(items)[-1][:, -1]``
+        but cheaper: layers 1…N−1 run over every position through the backbone's own layers, mask and rotary
+        embedding (the last layer's keys and values need them), and the last layer computes its query, attention
+        output and MLP at the last position only, the only one scored. That saves most of one layer, whatever the
+        depth. Llama backbones only (``encode`` uses the full forward for others)."""
+        from transformers.masking_utils import create_causal_mask
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        if items.shape[1] > self.config.max_len:
+            raise ValueError(f"sequence of width {items.shape[1]} exceeds max_len {self.config.max_len}")
+        body = self._llama_body()
+        real = items != 0
+        x = self.input_dropout(self.input_projection(self.item_embeddings()[items]))
+        positions = (real.long().cumsum(1) - 1).clamp_min(0)
+        mask = create_causal_mask(config=body.config, inputs_embeds=x, attention_mask=real.long(),
+                                  past_key_values=None, position_ids=positions)
+        cos, sin = body.rotary_emb(x, position_ids=positions)
+        layers = body.layers[: body.config.num_hidden_layers]
+        for layer in layers[:-1]:
+            x = layer(x, attention_mask=mask, position_ids=positions, position_embeddings=(cos, sin))
+        last, attn = layers[-1], layers[-1].self_attn
+        normed = last.input_layernorm(x)
+        batch, width = items.shape
+        q = attn.q_proj(normed[:, -1:]).view(batch, 1, -1, attn.head_dim).transpose(1, 2)
+        k = attn.k_proj(normed).view(batch, width, -1, attn.head_dim).transpose(1, 2)
+        v = attn.v_proj(normed).view(batch, width, -1, attn.head_dim).transpose(1, 2)
+        q, _ = apply_rotary_pos_emb(q, q, cos[:, -1:], sin[:, -1:])
+        k, _ = apply_rotary_pos_emb(k, k, cos, sin)
+        # the last position sees every real item before it (and itself, so an all-pad row stays finite)
+        keys = real.clone()
+        keys[:, -1] = True
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keys[:, None, None, :], scale=attn.scaling,
+                                             enable_gqa=q.shape[1] != k.shape[1])
+        h = x[:, -1] + attn.o_proj(out.transpose(1, 2).reshape(batch, -1))
+        h = h + last.mlp(last.post_attention_layernorm(h))
+        return body.norm(h)
 
     def loss(self, batch):
         table = self.item_embeddings()
