@@ -8,6 +8,7 @@ DATASET ?= synthetic
 MODELS ?= pop sasrec gru4rec mamba4rec
 EPOCHS ?=
 RAW_DIR ?=
+SET ?=
 MODEL_URI ?=
 BUNDLE ?=
 
@@ -37,7 +38,7 @@ test-triton: $(STAMP)
 
 eval: $(STAMP)
 	$(VENV)/bin/recsys report --dataset $(DATASET) --models $(MODELS) \
-		$(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(RAW_DIR),--raw-dir $(RAW_DIR))
+		$(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(RAW_DIR),--raw-dir $(RAW_DIR)) $(foreach s,$(SET),--set $(s))
 
 serve: $(STAMP)
 	$(VENV)/bin/recsys serve $(if $(MODEL_URI),--model-uri $(MODEL_URI)) $(if $(BUNDLE),--bundle $(BUNDLE))

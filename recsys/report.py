@@ -2,8 +2,16 @@
 log everything to MLflow and point the registry alias ``champion`` at the best model (by validation NDCG@10:
 test figures never choose anything).
 
-``slmrec`` listed after ``sasrec`` borrows that SASRec's item table; listed alone it learns its own. A distilled
-teacher/student pair comes from ``recsys distill`` (see the README), not from this report."""
+Settings (``--set``): a plain ``key=value`` goes to every listed model that has the key; ``model.key=value`` to that
+model only (e.g. ``sasrec.hidden_size=64``).
+
+``slmrec`` listed after ``sasrec`` borrows that SASRec's item table; listed alone it learns its own.
+``slmrec-distill`` runs SLMRec's whole recipe (``recsys.distill``: an M-layer teacher, then an M/4-layer student
+distilled from it, on the table of the SASRec listed before it) and reports both as ``slmrec-teacher`` and
+``slmrec-student`` rows, with the student's kept fraction of the teacher's NDCG@10, its speed-up and both parameter
+counts under the table. Its own settings are scoped: ``slmrec-distill.teacher_layers=8`` (default 4),
+``slmrec-distill.student_layers``, and anything ``recsys distill --set`` takes, e.g.
+``slmrec-distill.hidden_size=256`` or ``slmrec-distill.student.lr=0.003``."""
 
 from __future__ import annotations
 
@@ -37,7 +45,8 @@ def result_row(model: str, result: RunResult) -> dict:
 
 
 def write_markdown(
-    path: Path, dataset: str, manifest: dict, rows: list[dict], exclude_seen: bool, champion: str
+    path: Path, dataset: str, manifest: dict, rows: list[dict], exclude_seen: bool, champion: str,
+    notes: list[str] = (),
 ) -> None:
     counts = manifest.get("counts", {})
     lines = [
@@ -57,6 +66,7 @@ def write_markdown(
             f"| {r['model']} | {r['hr@10']:.4f} | {r['ndcg@10']:.4f} | {r['mrr']:.4f} | {r['train_seconds']:.1f} | "
             f"{r['seconds_per_epoch']:.2f} | {r['parameters']:,} | {r['epochs']} ({r['best_epoch']}) |"
         )
+    lines += notes
     atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
 
 
@@ -85,34 +95,100 @@ def write_figure(path: Path, dataset: str, results: dict[str, RunResult]) -> Non
     atomic_write_bytes(path, image.getvalue())
 
 
+DISTILL = "slmrec-distill"
+DISTILL_DEPTHS = ("teacher_layers", "student_layers")
+
+
+def accepted_settings(name: str) -> set[str]:
+    """The plain keys a listed model takes. The distillation recipe owns its runs' depths, so ``num_layers`` reaches
+    it only scoped (as ``slmrec-distill.teacher_layers``)."""
+    if name == DISTILL:
+        from recsys.distill import SET_BY_THE_RECIPE
+
+        return (set(model_class("slmrec").Config.model_fields) | set(TrainConfig.model_fields)) - set(SET_BY_THE_RECIPE)
+    return set(model_class(name).Config.model_fields) | set(TrainConfig.model_fields)
+
+
+def settings_by_model(models: list[str], overrides: dict) -> dict[str, dict]:
+    """Each listed model's settings: the plain keys it accepts, then its scoped ``model.key`` ones (which win)."""
+    accepted = {name: accepted_settings(name) for name in models}
+    own: dict[str, dict] = {name: {} for name in models}
+    for key, value in sorted(overrides.items(), key=lambda kv: "." in kv[0]):
+        scope, dot, name = key.partition(".")
+        if dot:
+            if scope not in own:
+                raise ValueError(f"setting {key!r}: {scope!r} is not one of the listed models {models}")
+            if scope != DISTILL and name not in accepted[scope]:
+                raise ValueError(f"setting {key!r}: {scope} has no setting {name!r}")
+            own[scope][name] = value
+            continue
+        takers = [model for model in models if key in accepted[model]]
+        if not takers:
+            raise ValueError(f"setting(s) {[key]} apply to none of the models {models}")
+        for model in takers:
+            own[model][key] = value
+    return own
+
+
+def distilled_results(ds, settings: dict, results: dict[str, RunResult], *, epochs, seed, track):
+    """SLMRec's teacher and student (``recsys.distill``) as two report rows, and the distillation figures."""
+    from recsys.distill import distill_run
+
+    settings = dict(settings)
+    depths = {key: settings.pop(key, None) for key in DISTILL_DEPTHS}
+    table = settings.pop("item_table_bundle", None) or (results["sasrec"].bundle_dir if "sasrec" in results else None)
+    run = distill_run(ds, int(depths["teacher_layers"] or 4),
+                      int(depths["student_layers"]) if depths["student_layers"] is not None else None,
+                      item_table_bundle=table, epochs=epochs, overrides=settings, seed=seed, track=track)
+    return {"slmrec-teacher": run.teacher, "slmrec-student": run.student}, run.distillation
+
+
+def distillation_lines(figures: dict) -> list[str]:
+    return [
+        "",
+        f"SLMRec distillation: the {figures['student_layers']}-layer student keeps "
+        f"{100 * figures['kept_fraction']:.1f}% of the {figures['teacher_layers']}-layer teacher's NDCG@10 "
+        f"({figures['student_ndcg@10']:.4f} vs {figures['teacher_ndcg@10']:.4f}) and scores "
+        f"{figures['timing_requests']:,} test requests {figures['speedup']:.2f}x faster "
+        f"({figures['student_scoring_seconds']:.2f} s vs {figures['teacher_scoring_seconds']:.2f} s, same run); "
+        f"scoring parameters {figures['student_params']:,} vs {figures['teacher_params']:,} "
+        "(the frozen item table excluded).",
+    ]
+
+
 def run_report(dataset: str, models: list[str], *, raw_dir=None, data_root=None, epochs: int | None = None,
                overrides: dict | None = None, seed: int | None = None, out_root: Path = Path("reports"),
                track: bool = True) -> Path:
     ds = resolve_dataset(dataset, raw_dir=raw_dir, data_root=data_root)
-    overrides = overrides or {}
-    accepted = {name: set(model_class(name).Config.model_fields) | set(TrainConfig.model_fields) for name in models}
-    unknown = [key for key in overrides if not any(key in keys for keys in accepted.values())]
-    if unknown:
-        raise ValueError(f"setting(s) {unknown} apply to none of the models {models}")
+    settings = settings_by_model(models, overrides or {})
     results: dict[str, RunResult] = {}
+    registered: dict[str, str] = {}  # report row → the registry model its version belongs to
+    notes: list[str] = []
     for name in models:
         print(f"== training {name} on {dataset}", file=sys.stderr)
-        own = {key: value for key, value in overrides.items() if key in accepted[name]}
+        own = settings[name]
+        if name == DISTILL:
+            runs, figures = distilled_results(ds, own, results, epochs=epochs, seed=seed, track=track)
+            results.update(runs)
+            registered.update(dict.fromkeys(runs, "slmrec"))
+            notes += distillation_lines(figures)
+            continue
         if name == "slmrec" and "sasrec" in results and "item_table_bundle" not in own:
             # SLMRec's recipe borrows a trained SASRec item table (model-specs §6): the one trained just before
             own["item_table_bundle"] = str(results["sasrec"].bundle_dir.resolve())
         results[name] = train_run(name, ds, epochs=epochs, overrides=own, seed=seed,
                                   out_dir=Path("runs") / ds.manifest["name"] / name, track=track)
+        registered[name] = name
     rows = [result_row(name, r) for name, r in results.items()]
     champion = max(rows, key=lambda r: r["valid_ndcg@10"])["model"]
     if track:
         from recsys.tracking import set_champion
 
-        set_champion(champion, results[champion].model_version, list(results))
+        set_champion(registered[champion], results[champion].model_version, sorted(set(registered.values())))
     out_dir = out_root / ds.manifest["name"]
     out_dir.mkdir(parents=True, exist_ok=True)
     exclude_seen = next(iter(results.values())).metrics["exclude_seen"]
-    write_markdown(out_dir / "eval.md", ds.manifest["name"], ds.manifest, rows, exclude_seen, champion)
+    write_markdown(out_dir / "eval.md", ds.manifest["name"], ds.manifest, rows, exclude_seen, champion, notes)
     table = io.StringIO()
     writer = csv.DictWriter(table, fieldnames=COLUMNS, lineterminator="\n")
     writer.writeheader()

@@ -362,3 +362,42 @@ def test_report_gives_slmrec_the_item_table_of_the_sasrec_trained_before_it(tmp_
     sasrec = load_bundle(tmp_path / "runs" / name / "sasrec")
     assert slmrec.config["model_config"]["item_table_bundle"] == str(sasrec.path.resolve())
     assert torch.equal(slmrec.model.item_embeddings(), sasrec.model.item_embeddings())
+
+
+def test_report_runs_the_distillation_recipe_beside_sasrec(tmp_path, capsys, monkeypatch):
+    from recsys.cli import main
+
+    assert main(["data", "build", "--dataset", "synthetic", "--set", "num_users=300", "--set", "num_items=120"]) == 0
+    dataset = Path(capsys.readouterr().out.strip())
+    monkeypatch.chdir(tmp_path)
+    assert main(["report", "--dataset", str(dataset), "--models", "sasrec", "slmrec-distill", "--epochs", "1",
+                 "--set", "hidden_size=16", "--set", "num_heads=2", "--set", "slmrec-distill.teacher_layers=4",
+                 "--set", "slmrec-distill.student.lr=0.003", "--no-track"]) == 0
+    name = json.loads((dataset / "manifest.json").read_text())["name"]
+    report = (tmp_path / "reports" / name / "eval.md").read_text()
+    for row in ("| sasrec |", "| slmrec-teacher |", "| slmrec-student |"):
+        assert row in report, row
+    assert "1-layer student keeps" in report and "4-layer teacher" in report
+    runs = tmp_path / "runs" / name
+    student = load_bundle(runs / "slmrec-distill" / "student")
+    assert student.config["model_config"]["num_layers"] == 1
+    assert student.config["train_config"]["lr"] == 0.003
+    assert torch.equal(student.model.item_embeddings(), load_bundle(runs / "sasrec").model.item_embeddings())
+
+
+def test_report_settings_go_to_the_models_that_take_them():
+    from recsys.report import settings_by_model
+
+    own = settings_by_model(["sasrec", "slmrec-distill"], {
+        "lr": 0.002, "sasrec.hidden_size": 64, "slmrec-distill.teacher_layers": 8, "slmrec-distill.lr": 0.001})
+    assert own == {"sasrec": {"lr": 0.002, "hidden_size": 64},
+                   "slmrec-distill": {"lr": 0.001, "teacher_layers": 8}}
+    # num_layers is the recipe's: plain, it goes to a plain slmrec only
+    assert settings_by_model(["slmrec", "slmrec-distill"], {"num_layers": 2}) == {
+        "slmrec": {"num_layers": 2}, "slmrec-distill": {}}
+    with pytest.raises(ValueError, match="not one of the listed models"):
+        settings_by_model(["sasrec"], {"bert4rec.lr": 1})
+    with pytest.raises(ValueError, match="has no setting"):
+        settings_by_model(["sasrec"], {"sasrec.mask_prob": 0.2})
+    with pytest.raises(ValueError, match="apply to none"):
+        settings_by_model(["pop"], {"hidden_size": 8})
