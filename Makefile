@@ -12,7 +12,7 @@ SET ?=
 MODEL_URI ?=
 BUNDLE ?=
 
-.PHONY: setup test test-slow test-triton eval serve mlflow-ui bench bench-kernels bench-serving lint clean
+.PHONY: setup test test-slow test-triton eval serve mlflow-ui bench bench-kernels bench-serving bench-generative lint clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found (set PYTHON=...)"; exit 1; }
@@ -57,6 +57,11 @@ bench-kernels: $(STAMP)
 # and a synthetic 1,000,000-item catalogue; about 5 minutes on 2 cores.
 bench-serving: $(STAMP)
 	$(PY) tests/benchmarks/serving.py $(if $(BUNDLE),--bundle $(BUNDLE))
+
+# TIGER's beam search per request (k = 10) beside SASRec's scoring, on a Beauty-sized catalogue; about 2 minutes.
+# TEXT_CACHE: Beauty's cached MiniLM item embeddings (.npy), for the real trie; random unit vectors without it.
+bench-generative: $(STAMP)
+	$(PY) tests/benchmarks/generative.py $(if $(TEXT_CACHE),--text-cache $(TEXT_CACHE))
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check recsys pipelines kernels serving tests

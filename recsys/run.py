@@ -108,7 +108,7 @@ def train_run(
 
     torch.manual_seed(train_config.seed)
     model = build_model(model_name, ds.num_items, model_over)
-    model.prepare(ds)  # e.g. TIGER's semantic ids from item text, before any training
+    prepared = model.prepare(ds)  # e.g. TIGER's semantic ids from item text, before any training
     run_config = {
         "train_config": train_config.model_dump(mode="json"),
         "dataset": {"name": dataset_name, "path": str(ds.path.resolve()), "content_hash": ds.content_hash,
@@ -124,6 +124,8 @@ def train_run(
                           tags={"model": model_name, "dataset_hash": ds.content_hash, **(tags or {})})
         tracker.log_params({"model": model_name, "model_config": model.config.model_dump(mode="json"),
                             "seed": train_config.seed, **run_config})
+        for section, figures in prepared.items():
+            tracker.log_metrics(figures, prefix=f"{section}_")
 
     def on_epoch(record: dict) -> None:
         valid = record["valid"]
@@ -159,6 +161,7 @@ def train_run(
             "parameters": model.num_parameters(),
             "exclude_seen": exclude_seen,
             "history": history_rows(result.history),
+            **prepared,
         }
         extra = extra_metrics(model, split, metrics) if extra_metrics else {}
         metrics.update(extra)

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+
 import itertools
 from types import SimpleNamespace
 
@@ -278,9 +280,17 @@ def test_train_run_prepares_trains_and_bundles_tiger(tmp_path, capsys):
     assert main(["data", "build", "--dataset", "synthetic", "--set", "num_users=150", "--set", "num_items=60"]) == 0
     path = capsys.readouterr().out.strip()
     tiny = {k: v for k, v in TINY.items() if k != "text_dim"}
-    result = train_run("tiger", path, epochs=1, out_dir=tmp_path / "bundle", track=False, progress=False,
+    result = train_run("tiger", path, epochs=1, out_dir=tmp_path / "bundle", progress=False,
                        overrides={**tiny, "collision_codes": 60, "batch_size": 64})
     assert 0 <= result.metrics["test"]["hr@10"] <= 1 and result.metrics["epochs"] == 1
+    # the semantic ids' statistics reach metrics.json and the MLflow run
+    stats = result.metrics["semantic_ids"]
+    assert 0 < stats["level0_perplexity"] <= TINY["codebook_size"] and 0 <= stats["collision_rate"] < 1
+    from mlflow import MlflowClient
+
+    logged = MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).get_run(result.run_id).data.metrics
+    assert logged["semantic_ids_level0_perplexity"] == pytest.approx(stats["level0_perplexity"])
+    assert logged["semantic_ids_collision_rate"] == pytest.approx(stats["collision_rate"])
     bundle = load_bundle(result.bundle_dir)
     assert bool(bundle.model.fitted) and len(torch.unique(bundle.model.codes[1:], dim=0)) == 60
     from pipelines.dataset import load_dataset
@@ -288,3 +298,22 @@ def test_train_run_prepares_trains_and_bundles_tiger(tmp_path, capsys):
     split = load_dataset(path).split()
     again = evaluate(bundle.model, split.test, bundle.model.num_items, result.metrics["exclude_seen"])
     assert again == result.metrics["test"]
+
+
+def test_beams_decoded_side_by_side_equal_each_beam_decoded_alone():
+    """Beam search packs a query's beams into one decoder row under a block-diagonal mask and reuses the
+    cross-attention keys/values from level to level; the states must be those of decoding each beam alone."""
+    from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+    model = fitted_tiny_tiger(40, num_decoder_layers=2).eval()
+    rows = [[3, 9, 27], [1, 2, 3, 4, 5, 6, 7], [40], [12, 12, 5, 8], [30, 20, 10, 39, 2]]
+    with torch.no_grad():
+        tokens, mask = model.encoder_inputs(left_padded_batch(rows, 7))
+        encoded = model.encoder(input_ids=tokens, attention_mask=mask).last_hidden_state
+        cross = DynamicCache()
+        for t in (1, 3, 4):  # levels: the cross-attention cache is filled at the first and reused after
+            decoder_in = torch.randint(2, 10, (5, 3, t), generator=torch.Generator().manual_seed(t))
+            alone = torch.stack([model.decode(decoder_in[:, w], encoded, mask) for w in range(3)], 1)
+            packed = model.decode_beams(decoder_in, encoded, mask, EncoderDecoderCache(DynamicCache(), cross))
+            torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
+        assert len(cross) == 2 and cross.get_seq_length(0) == tokens.shape[1]

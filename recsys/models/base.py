@@ -57,10 +57,12 @@ class SequentialModel(nn.Module):
         ``/similar``): the scoring table by default; generative models, which have none, give content vectors."""
         return self.item_embeddings()
 
-    def prepare(self, dataset) -> None:
+    def prepare(self, dataset) -> dict[str, dict[str, float]]:
         """Look at the processed dataset once, after construction and before training (e.g. TIGER encodes item
         text and fits its semantic ids here). Whatever it learns must live in buffers or parameters whose shapes
-        follow from the config and ``num_items``, so a bundle restores it. Most models need nothing."""
+        follow from the config and ``num_items``, so a bundle restores it. Returns figures about it (section →
+        flat dict) that the run logs to MLflow and keeps in ``metrics.json``. Most models need nothing."""
+        return {}
 
     @torch.no_grad()
     def recommend(self, batch: SequenceBatch, k: int) -> tuple[torch.Tensor, torch.Tensor]:
