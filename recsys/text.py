@@ -174,3 +174,22 @@ def cached_text_embeddings(texts: Sequence[str], encoder: TextEncoder, cache_dir
     except OSError:  # a read-only dataset directory only costs the cache, never the run
         pass
     return embeddings
+
+
+def checked_encoder(encoder_path: str | None, text_dim: int) -> TextEncoder:
+    """The item-text encoder at ``encoder_path`` (None: the bundled MiniLM), checked against the model's
+    ``text_dim`` so a wrong setting fails before any encoding."""
+    encoder = TextEncoder(encoder_path)
+    if encoder.dim != text_dim:
+        raise ValueError(f"encoder {encoder.path} gives {encoder.dim}-d embeddings but text_dim is {text_dim}; "
+                         f"set text_dim={encoder.dim}")
+    return encoder
+
+
+def dataset_text_embeddings(dataset, num_items: int, encoder: TextEncoder, cache_dir: str | Path | None = None
+                            ) -> np.ndarray:
+    """(num_items, dim) embeddings of a processed dataset's item texts (row i = item i + 1), cached under
+    ``cache_dir`` (default ``<dataset>/.cache``) per dataset content and encoder."""
+    cache = Path(cache_dir) if cache_dir else Path(dataset.path) / ".cache"
+    texts = item_texts(dataset.items, num_items)
+    return cached_text_embeddings(texts, encoder, cache, getattr(dataset, "content_hash", ""))

