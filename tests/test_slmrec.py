@@ -372,9 +372,17 @@ def test_report_runs_the_distillation_recipe_beside_sasrec(tmp_path, capsys, mon
     monkeypatch.chdir(tmp_path)
     assert main(["report", "--dataset", str(dataset), "--models", "sasrec", "slmrec-distill", "--epochs", "1",
                  "--set", "hidden_size=16", "--set", "num_heads=2", "--set", "slmrec-distill.teacher_layers=4",
-                 "--set", "slmrec-distill.student.lr=0.003", "--no-track"]) == 0
+                 "--set", "slmrec-distill.student.lr=0.003"]) == 0
     name = json.loads((dataset / "manifest.json").read_text())["name"]
     report = (tmp_path / "reports" / name / "eval.md").read_text()
+    # the champion alias lands on the registered model of the winning row (teacher and student are recsys-slmrec)
+    from mlflow import MlflowClient
+
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    champion = report.split("Champion (registry alias `champion`): **")[1].split("**")[0]
+    registered = "recsys-sasrec" if champion == "sasrec" else "recsys-slmrec"
+    version = client.get_model_version_by_alias(registered, "champion")
+    assert client.get_run(version.run_id).data.tags.get("distill_role", "sasrec") == champion.removeprefix("slmrec-")
     for row in ("| sasrec |", "| slmrec-teacher |", "| slmrec-student |"):
         assert row in report, row
     assert "1-layer student keeps" in report and "4-layer teacher" in report
