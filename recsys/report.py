@@ -7,11 +7,11 @@ model only (e.g. ``sasrec.hidden_size=64``).
 
 ``slmrec`` listed after ``sasrec`` borrows that SASRec's item table; listed alone it learns its own.
 ``slmrec-distill`` runs SLMRec's whole recipe (``recsys.distill``: an M-layer teacher, then an M/4-layer student
-distilled from it, on the table of the SASRec listed before it, or of one it trains first) and reports both as ``slmrec-teacher`` and
-``slmrec-student`` rows, with the student's kept fraction of the teacher's NDCG@10, its speed-up and both parameter
-counts under the table. Its own settings are scoped: ``slmrec-distill.teacher_layers=8`` (default 4),
-``slmrec-distill.student_layers``, and anything ``recsys distill --set`` takes, e.g.
-``slmrec-distill.hidden_size=256`` or ``slmrec-distill.student.lr=0.003``."""
+distilled from it, on the table of the SASRec listed before it, or of one it trains first) and reports both as
+``slmrec-teacher`` and ``slmrec-student`` rows, with the student's kept fraction of the teacher's NDCG@10, its
+speed-up and both parameter counts under the table. Its own settings are scoped:
+``slmrec-distill.teacher_layers=8`` (default 4), ``slmrec-distill.student_layers``, and anything
+``recsys distill --set`` takes, e.g. ``slmrec-distill.hidden_size=256`` or ``slmrec-distill.student.lr=0.003``."""
 
 from __future__ import annotations
 
