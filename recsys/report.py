@@ -10,8 +10,9 @@ model only (e.g. ``sasrec.hidden_size=64``).
 distilled from it, on the table of the SASRec listed before it, or of one it trains first) and reports both as
 ``slmrec-teacher`` and ``slmrec-student`` rows, with the student's kept fraction of the teacher's NDCG@10, its
 speed-up and both parameter counts under the table. Its own settings are scoped:
-``slmrec-distill.teacher_layers=8`` (default 4), ``slmrec-distill.student_layers``, and anything
-``recsys distill --set`` takes, e.g. ``slmrec-distill.hidden_size=256`` or ``slmrec-distill.student.lr=0.003``."""
+``slmrec-distill.teacher_layers=8`` (default: slmrec's ``num_layers``, 4), ``slmrec-distill.student_layers``, and
+anything ``recsys distill --set`` takes, e.g. ``slmrec-distill.hidden_size=256`` or
+``slmrec-distill.student.lr=0.003``."""
 
 from __future__ import annotations
 
@@ -137,7 +138,9 @@ def distilled_results(ds, settings: dict, results: dict[str, RunResult], *, epoc
     settings = dict(settings)
     depths = {key: settings.pop(key, None) for key in DISTILL_DEPTHS}
     table = settings.pop("item_table_bundle", None) or (results["sasrec"].bundle_dir if "sasrec" in results else None)
-    run = distill_run(ds, int(depths["teacher_layers"] or 4),
+    if depths["teacher_layers"] is None:  # SLMRec's own default depth
+        depths["teacher_layers"] = model_class("slmrec").Config.model_fields["num_layers"].default
+    run = distill_run(ds, int(depths["teacher_layers"]),
                       int(depths["student_layers"]) if depths["student_layers"] is not None else None,
                       item_table_bundle=table, epochs=epochs, overrides=settings, seed=seed, track=track)
     return {"slmrec-teacher": run.teacher, "slmrec-student": run.student}, run.distillation

@@ -41,17 +41,10 @@ def histories(n: int, seed: int = 0) -> list[np.ndarray]:
 
 
 def batch_of(rows: list[np.ndarray], max_len: int):
-    import torch
+    """The service's inference batch for these histories (timestamps unused by both models)."""
+    from recsys.batching import pad_histories
 
-    from recsys.batching import SequenceBatch
-
-    width = min(max_len, max(len(r) for r in rows))
-    items = np.zeros((len(rows), width), dtype=np.int64)
-    for i, row in enumerate(rows):
-        row = row[-width:]
-        items[i, width - len(row):] = row
-    items = torch.from_numpy(items)
-    return SequenceBatch(items, torch.zeros_like(items))
+    return pad_histories([(row, np.zeros_like(row)) for row in rows], max_len)
 
 
 def percentiles(seconds: list[float]) -> dict:
