@@ -78,7 +78,7 @@ def _chunked_core(x, delta, A, B, C, h0, chunk_size):
     b, length, heads, p = x.shape
     g, n = B.shape[2], B.shape[3]
     r = heads // g
-    q = chunk_size
+    q = max(1, min(chunk_size, length))  # a chunk longer than the sequence would only add padding to every matmul
     c = -(-length // q)
     pad = c * q - length
     # 1. chunks; end-pad only: zero Δ (decay 1, no input) after the last token. One copy each into chunk layout.

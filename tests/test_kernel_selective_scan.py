@@ -5,6 +5,8 @@ Error metric throughout: rel_err(x, ref) = max|x − ref| / max|ref| (max-abs er
 reference), ≤ 1e-4 in fp32. Triton tests run with `TRITON_INTERPRET=1 .venv/bin/python -m pytest -m triton ...`.
 """
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -105,6 +107,16 @@ def test_auto_chunk_size_splits_small_batches_only():
     inputs = make_inputs(1, 45, 6, 4, seed=12)  # auto picks 6 chunks of 8 (the last one padded)
     assert auto_chunk_size(1, 45, 6, 4) == 8
     assert_parity(run(inputs, "torch", chunk_size=None), run(inputs, "reference"))
+
+
+def test_a_batch_too_large_for_the_cache_runs_in_row_slices(monkeypatch):
+    """Rows beyond STEP_ELEMENTS / (d_inner·N) go through the scan in slices; the result is the same, gradients of
+    the shared A included."""
+    module = importlib.import_module("kernels.selective_scan")  # the package re-exports the function by this name
+    monkeypatch.setattr(module, "STEP_ELEMENTS", 2 * 6 * 4)  # 2 rows per slice: slices of 2, 2 and 1
+    inputs = make_inputs(5, 23, 6, 4, seed=13)
+    pad_mask = left_pad_mask([23, 10, 1, 23, 5], 23)
+    assert_parity(run(inputs, "torch", pad_mask=pad_mask, chunk_size=None), run(inputs, "reference", pad_mask=pad_mask))
 
 
 def test_large_steps_do_not_overflow():

@@ -104,6 +104,31 @@ def test_extra_left_pads_never_change_a_score():
     torch.testing.assert_close(alone[0], tight[1], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("extra", [{}, {"p2p_residual": False, "num_layers": 3}])
+def test_a_narrow_batch_equals_its_max_len_padding_in_outputs_and_gradients(extra):
+    """A batch of width W < max_len runs at width W (sliced Linear(L → L) weights, the last W entries of LN_L's
+    affine); every parameter is randomised so that a wrong slice shows."""
+    torch.manual_seed(0)
+    model = build_model("tim4rec", NUM_ITEMS, {**TINY, **extra})
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.startswith(("time_", "layers")) and "A_log" not in name and "dt_bias" not in name:
+                p.add_(torch.randn_like(p) * 0.3)
+    rows = [[3, 4, 5, 6, 7], [7, 8], [9]]
+    results = []
+    for width in (5, 12):
+        model.zero_grad()
+        hidden = model.encode(batch_of(rows, width))
+        (hidden * torch.randn(hidden.shape, generator=torch.Generator().manual_seed(2))).sum().backward()
+        results.append((hidden.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}))
+    (narrow, grads), (wide, grads_wide) = results
+    assert rel_err(narrow, wide) <= 1e-5
+    assert grads_wide["time_paths.0.w_b.weight"][:, :7].abs().max() > 0  # W_b reads all of W_a's outputs
+    for k, g in grads_wide.items():
+        assert rel_err(grads[k], g) <= 1e-4, k
+
+
 def test_garbage_timestamps_at_pads_never_change_a_score():
     torch.manual_seed(0)
     model = liven_time_path(build_model("tim4rec", NUM_ITEMS, TINY)).eval()

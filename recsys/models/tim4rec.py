@@ -30,11 +30,19 @@ otherwise (its fused causal-conv path); ``time_activation`` overrides the rule.
 LN(H + Drop(W₂·Drop(Hardswish(W₁·H)))), inner 4d. Embedding X = LN(Dropout(E[seq])), no positional embedding.
 Output: the state at the prediction point scores all items through the tied table E; full cross-entropy.
 
-**Fixed width and leakage** (§5 pitfalls). Linear(L → L) and LN_L mix every position, so (1) the model always
-works at width ``max_len``: a batch is left-padded to ``max_len`` inside the model, and every history therefore
-has the same layout at training and at inference (its last event in column L−1, the prediction point); and (2) the
-time path looks ahead, so TiM4Rec trains at the last position only, over prefix cut points
-(``LastPositionTrainBatches``), and ``loss`` reads only the last column. The target is never in the input.
+**Fixed width and leakage** (§5 pitfalls). Linear(L → L) and LN_L mix every position, so (1) the model is
+defined at width ``max_len``: every history has the same layout at training and at inference, left-padded to
+``max_len`` with its last event in column L−1, the prediction point; and (2) the time path looks ahead, so TiM4Rec
+trains at the last position only, over prefix cut points (``LastPositionTrainBatches``), and ``loss`` reads only the
+last column. The target is never in the input.
+
+**Narrow batches, exactly** (an implementation choice, not the reference's). A batch of width W < L is computed at
+width W, not padded to L: its columns are the last W of the L-wide layout, and the L − W columns before them are pads
+in every row. Everything but the time path's Linear(L → L) maps is per position, causal or masked, and never reads a
+pad, so it can drop those columns as they are. W_a and W_g read only their last W inputs (δ̂ is 0 in the dropped
+columns); W_b and W_g write only their last W outputs (the rest multiply δ̂ = 0 or are masked by LN_L), while W_a
+keeps all L outputs, since W_b reads them all. LN_L uses the last W entries of its affine. The result equals the
+L-wide computation (a test checks outputs and gradients).
 
 **Deviations from the reference code** (AlwaysFHao/TiM4Rec as model-specs §5 describes it; its model files were
 not available to read, so these are documented choices, not the paper's):
@@ -127,7 +135,8 @@ class TiM4RecConfig(ModelConfig):
 class SequenceLayerNorm(nn.Module):
     """LN_L (model-specs §5): LayerNorm over the sequence axis with a per-position affine (normalized_shape = L),
     its mean and biased variance taken over the real positions only (the documented padding fix; the reference
-    normalises over all L columns, pads included). x (B, H, L), mask (B, 1, L) float; the output is 0 at pads."""
+    normalises over all L columns, pads included). x (B, H, W), mask (B, 1, W) float, W ≤ L: the last W columns of
+    the L-wide layout (the earlier ones are pads, which take no part); the output is 0 at pads."""
 
     def __init__(self, length: int, eps: float):
         super().__init__()
@@ -140,7 +149,8 @@ class SequenceLayerNorm(nn.Module):
         mean = (x * mask).sum(-1, keepdim=True) / count
         centred = (x - mean) * mask
         var = centred.square().sum(-1, keepdim=True) / count
-        return (centred * torch.rsqrt(var + self.eps) * self.weight + self.bias) * mask
+        width = x.shape[-1]
+        return (centred * torch.rsqrt(var + self.eps) * self.weight[-width:] + self.bias[-width:]) * mask
 
 
 def time_gaps(items: torch.Tensor, times: torch.Tensor, log1p: bool) -> torch.Tensor:
@@ -157,8 +167,9 @@ def time_gaps(items: torch.Tensor, times: torch.Tensor, log1p: bool) -> torch.Te
 class TimePath(nn.Module):
     """One layer's time path (model-specs §5 "per-layer time scale" and "time for the next layer").
 
-    ``forward(t_hat, mask)``: t_hat δ̂ (B, H, L), zero at pads; mask (B, 1, L) float. Returns ρ (B, L, H), the
-    ``dt_scale`` of this layer's SSD, and δ̂′ (B, H, L) for the next layer (None when ``last``).
+    ``forward(t_hat, mask)``: t_hat δ̂ (B, H, W), zero at pads; mask (B, 1, W) float; W ≤ L, the last W columns of
+    the L-wide layout (see the module docstring, "Narrow batches"). Returns ρ (B, W, H), the ``dt_scale`` of this
+    layer's SSD, and δ̂′ (B, H, W) for the next layer (None when ``last``).
     """
 
     def __init__(self, config: TiM4RecConfig, last: bool):
@@ -182,13 +193,19 @@ class TimePath(nn.Module):
 
     def forward(self, t_hat: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         keep = mask.transpose(1, 2)  # (B, L, 1)
-        s = self.w_b(F.silu(self.w_a(self.dropout(t_hat))))  # (B, H, L)
+        width = t_hat.shape[-1]
+        off = self.w_a.in_features - width  # leading pad columns dropped from the L-wide layout
+        # δ̂ is 0 in the dropped columns, so W_a reads only the last W; but all L of its outputs feed W_b, of which
+        # only the last W outputs are needed (s multiplies δ̂)
+        a = F.linear(self.dropout(t_hat), self.w_a.weight[:, off:], self.w_a.bias)  # (B, H, L)
+        s = F.linear(F.silu(a), self.w_b.weight[off:], self.w_b.bias[off:])  # (B, H, W)
         u = (t_hat * s).transpose(1, 2)  # (B, L, H), zero at pads since δ̂ is
         u = self.act(causal_conv1d(u, self.conv1.weight[:, 0], self.conv1.bias, backend=self.backend)) * keep
         rho = self.act(causal_conv1d(u, self.conv2.weight[:, 0], self.conv2.bias, backend=self.backend)) * keep
         if self.last:
             return rho, None
-        gamma = torch.sigmoid(self.gate(self.dropout(t_hat)))  # (B, H, L) or (B, H, 1)
+        rows = slice(off, None) if self.gate.out_features > 1 else slice(None)  # Linear(L → L) or Linear(L → 1)
+        gamma = torch.sigmoid(F.linear(self.dropout(t_hat), self.gate.weight[rows, off:], self.gate.bias[rows]))
         return rho, self.norm(gamma * t_hat + (1 - gamma) * rho.transpose(1, 2), mask)
 
 
@@ -329,21 +346,12 @@ class TiM4Rec(SequentialModel):
         with torch.no_grad():
             self.item_embedding.weight[0].zero_()
 
-    def _full_width(self, batch: SequenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Left-pad ``items`` and ``times`` to ``max_len`` so every history has the training layout."""
-        width = batch.items.shape[1]
-        length = self.config.max_len
-        if width > length:
-            raise ValueError(f"sequence of width {width} exceeds max_len {length}")
-        items, times = batch.items, batch.times
-        if width < length:
-            items = F.pad(items, (length - width, 0))
-            times = F.pad(times, (length - width, 0))
-        return items, times
-
     def sequence_states(self, batch: SequenceBatch) -> torch.Tensor:
-        """H (B, max_len, d) for a left-padded batch, zero at pads; column −1 is the prediction point."""
-        items, times = self._full_width(batch)
+        """H (B, W, d) for a left-padded batch of width W ≤ max_len, zero at pads; column −1 is the prediction point.
+        The same as padding the batch to max_len first (module docstring, "Narrow batches")."""
+        items, times = batch.items, batch.times
+        if items.shape[1] > self.config.max_len:
+            raise ValueError(f"sequence of width {items.shape[1]} exceeds max_len {self.config.max_len}")
         pad_mask = items != 0
         x = self.embedding_norm(self.embedding_dropout(self.item_embedding(items)))
         t_hat = None
