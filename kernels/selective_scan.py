@@ -290,18 +290,15 @@ def selective_scan(
         y = _scan_reference(u32, dt, A32, B32, C32)
     elif length == 0:
         y = u32.new_zeros(batch, 0, d_inner)
-    elif backend == "triton":
-        chunk = min(length, chunk_size or auto_chunk_size(batch, length, d_inner, n))
-        y = _SelectiveScan.apply(dt, dt * u32, A32, B32, C32, chunk, True)
     else:
-        # Rows in slices whose per-step state stays near STEP_ELEMENTS (cache-sized): one scan over a batch whose
-        # state does not fit the cache streams every step through memory (measured 2.5-3.6× slower on SIGMA's
-        # batch of 1,024 rows × d_inner 128 × N 32, width 10, than eight 128-row slices). Rows are independent,
-        # so this is exact.
-        rows = max(1, STEP_ELEMENTS // (d_inner * n))
+        # The torch path takes rows in slices whose per-step state stays near STEP_ELEMENTS (cache-sized): one scan
+        # over a batch whose state does not fit the cache streams every step through memory (measured 2.5-3.6×
+        # slower on SIGMA's batch of 1,024 rows × d_inner 128 × N 32, width 10, than eight 128-row slices). Rows are
+        # independent, so this is exact. The Triton kernel takes the whole batch in one launch.
+        rows = batch if backend == "triton" else max(1, STEP_ELEMENTS // (d_inner * n))
         chunk = min(length, chunk_size or auto_chunk_size(min(batch, rows), length, d_inner, n))
         x = dt * u32
-        parts = [_SelectiveScan.apply(*args, A32, *rest, chunk, False)
-                 for args, rest in zip(zip(dt.split(rows), x.split(rows)), zip(B32.split(rows), C32.split(rows)))]
+        parts = [_SelectiveScan.apply(dt_r, x_r, A32, B_r, C_r, chunk, backend == "triton")
+                 for dt_r, x_r, B_r, C_r in zip(dt.split(rows), x.split(rows), B32.split(rows), C32.split(rows))]
         y = parts[0] if len(parts) == 1 else torch.cat(parts)
     return _finish(y, u32, D, z, pad_mask, u.dtype)
