@@ -80,6 +80,27 @@ def test_cloze_batches_mask_only_items_and_supervise_only_masked_positions():
     assert len(batches) == -(-len(seen) // 16)
 
 
+def test_mask_last_prefix_instances_end_at_every_cut_point_of_a_window():
+    train = jagged([np.arange(1, 7), [9]])  # one 6-item window and one 1-item window
+    mask = NUM_ITEMS + 1
+    batches = ClozeTrainBatches(np.array([0, 1]), train, max_len=10, batch_size=4, mask_token=mask, mask_prob=0.5,
+                                max_predictions=5, mask_last_prob=1.0, mask_last_prefix=True)
+    cuts = set()
+    for seed in range(40):
+        for batch in batches.epoch(np.random.default_rng(seed)):
+            for row, target, user in zip(batch.items, batch.targets, batch.user_idx):
+                real = row[row != 0]
+                if not (int(real[-1]) == mask and int((real == mask).sum()) == 1 and len(real) < 6):
+                    continue  # a cloze instance (or a whole-window mask-last one, also a valid cut)
+                original = torch.where(row == mask, target, row)
+                original = original[original != 0].tolist()
+                assert original == (list(range(1, len(original) + 1)) if int(user) == 0 else [9])
+                cuts.add((int(user), len(original)))
+    # prefixes of 2..5 items of the long window are all drawn; a 1-item window stays whole
+    assert {c for u, c in cuts if u == 0} == {2, 3, 4, 5}
+    assert (1, 1) in cuts
+
+
 def test_masks_are_redrawn_each_epoch_and_reproducible_per_seed():
     items = np.zeros((50, 12), dtype=np.int64)
     lengths = np.random.default_rng(0).integers(1, 13, 50)
