@@ -31,6 +31,7 @@ def test_registered_with_the_spec_defaults():
     c = BERT4Rec.Config()
     assert (c.max_len, c.hidden_size, c.num_blocks, c.num_heads, c.dropout) == (50, 64, 2, 2, 0.2)
     assert (c.mask_prob, c.max_predictions, c.window_step, c.init_std) == (0.6, 30, 0.1, 0.02)
+    assert (c.mask_last_prob, c.mask_last_prefix) == (1.0, True)  # our measured change (reference: 0.1, False)
     with pytest.raises(ValueError):
         BERT4Rec.Config(mask_probability=0.2)  # extra=forbid: a typo is an error
     TrainConfig(**BERT4Rec.train_defaults)  # every default is a real TrainConfig field

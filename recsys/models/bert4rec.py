@@ -160,9 +160,9 @@ class ClozeTrainBatches:
         starts, ends = self.starts[windows], self.ends[windows].copy()
         if self.mask_last_prefix:
             # a cut point uniform over the window's prefixes of ≥ 2 items (the whole 1-item window otherwise)
-            lengths = self.lengths[extra]
-            shortest = np.minimum(lengths, 2)
-            ends[n:] = starts[n:] + shortest + (rng.random(len(extra)) * (lengths - shortest + 1)).astype(np.int64)
+            window = self.lengths[extra]
+            shortest = np.minimum(window, 2)
+            ends[n:] = starts[n:] + shortest + (rng.random(len(extra)) * (window - shortest + 1)).astype(np.int64)
         lengths = ends - starts
         for picked in length_bucketed_batches(lengths, self.batch_size, rng):
             width = int(lengths[picked].max())
