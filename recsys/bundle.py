@@ -60,7 +60,11 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
     if config.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: bundle format {config.get('format_version')} is not supported ({FORMAT_VERSION})")
     model = build_model(config["model"], config["num_items"], config["model_config"])
-    model.load_state_dict(load_file(str(path / "weights.safetensors")))
+    try:
+        model.load_state_dict(load_file(str(path / "weights.safetensors")))
+    except RuntimeError as err:  # e.g. a bundle saved before a model gained a layer that is now on by default
+        raise ValueError(f"{path}: weights.safetensors does not fit the {config['model']} config it was saved with "
+                         f"(saved by another version?): {err}") from err
     model.to(device).eval()
     items = pd.read_parquet(path / "items.parquet")
     metrics = json.loads((path / "metrics.json").read_text())

@@ -108,3 +108,23 @@ def test_failed_bundle_write_leaves_nothing_that_looks_complete(tmp_path, monkey
         save_bundle(tmp_path / "bundle", model, {}, pd.DataFrame({"item_idx": [1], "item_id": ["a"]}), {})
     assert not (tmp_path / "bundle").exists()
     assert not any(p.name.startswith(".bundle") for p in tmp_path.iterdir())
+
+
+def test_bundle_whose_weights_do_not_fit_its_config_is_refused_with_its_path(tmp_path):
+    """A gru4rec bundle saved before ``output_projection`` existed (and defaulted to on) names no such key, so its
+    config now builds a model with a layer its weights lack: a clear error naming the bundle, not torch's."""
+    import json
+    import re
+
+    import pandas as pd
+
+    from recsys.models import build_model
+
+    model = build_model("gru4rec", 5, {"hidden_size": 8, "max_len": 4, "output_projection": False})
+    items = pd.DataFrame({"item_idx": range(1, 6), "item_id": [f"i{i}" for i in range(1, 6)]})
+    path = save_bundle(tmp_path / "bundle", model.eval(), {}, items, {})
+    config = json.loads((path / "config.json").read_text())
+    del config["model_config"]["output_projection"]
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=re.escape(str(path)) + ".*does not fit the gru4rec config"):
+        load_bundle(path)
