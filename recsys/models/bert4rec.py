@@ -157,7 +157,7 @@ class ClozeTrainBatches:
         extra = rng.choice(n, size=self.num_instances() - n, replace=False)
         windows = np.concatenate([np.arange(n), extra])
         mask_last = np.arange(len(windows)) >= n
-        starts, ends = self.starts[windows], self.ends[windows].copy()
+        starts, ends = self.starts[windows], self.ends[windows]  # fancy indexing: fresh arrays, safe to edit
         if self.mask_last_prefix:
             # a cut point uniform over the window's prefixes of ≥ 2 items (the whole 1-item window otherwise)
             window = self.lengths[extra]
