@@ -35,6 +35,7 @@ def test_registered_with_the_spec_defaults():
     with pytest.raises(ValueError):
         BERT4Rec.Config(mask_probability=0.2)  # extra=forbid: a typo is an error
     TrainConfig(**BERT4Rec.train_defaults)  # every default is a real TrainConfig field
+    assert BERT4Rec.train_defaults["weight_decay"] == 0.1  # our measured change (reference: 0.01)
 
 
 def test_long_histories_are_cut_into_reference_windows():
