@@ -1,6 +1,10 @@
 """Trainer guarantees: seeded determinism, a resumed run equals an uninterrupted one, best-epoch restore,
 and bundles that reproduce their metrics exactly."""
 
+import json
+import re
+
+import pandas as pd
 import pytest
 import torch
 
@@ -94,8 +98,6 @@ def test_bundle_round_trip_reproduces_metrics_exactly(tmp_path):
 
 
 def test_failed_bundle_write_leaves_nothing_that_looks_complete(tmp_path, monkeypatch):
-    import pandas as pd
-
     import recsys.bundle as bundle_module
 
     model, _ = _train(tmp_path, epochs=1, name="f")
@@ -113,13 +115,6 @@ def test_failed_bundle_write_leaves_nothing_that_looks_complete(tmp_path, monkey
 def test_bundle_whose_weights_do_not_fit_its_config_is_refused_with_its_path(tmp_path):
     """A gru4rec bundle saved before ``output_projection`` existed (and defaulted to on) names no such key, so its
     config now builds a model with a layer its weights lack: a clear error naming the bundle, not torch's."""
-    import json
-    import re
-
-    import pandas as pd
-
-    from recsys.models import build_model
-
     model = build_model("gru4rec", 5, {"hidden_size": 8, "max_len": 4, "output_projection": False})
     items = pd.DataFrame({"item_idx": range(1, 6), "item_id": [f"i{i}" for i in range(1, 6)]})
     path = save_bundle(tmp_path / "bundle", model.eval(), {}, items, {})
