@@ -166,11 +166,14 @@ class RQVAEFit:
 
 
 def fit_rqvae(x: np.ndarray, levels: int = 3, codebook_size: int = 256, hidden: tuple[int, ...] = (512, 256, 128),
-              latent_dim: int = 32, beta: float = 0.25, epochs: int = 200, batch_size: int = 1024, lr: float = 0.4,
-              optimizer: str = "adagrad", seed: int = 0) -> RQVAEFit:
+              latent_dim: int = 32, beta: float = 0.25, epochs: int = 200, batch_size: int = 1024, lr: float = 1e-3,
+              optimizer: str = "adam", seed: int = 0) -> RQVAEFit:
     """Train an RQ-VAE on the item embeddings x (N, D) and return it with the items' codes (N, levels).
 
-    Defaults follow the spec (Adagrad lr 0.4, batch 1024, β 0.25) except the epoch count (20k in the paper)."""
+    Batch 1024 and β 0.25 follow the spec; the epoch count does not (20k in the paper), nor does the optimiser: the
+    paper's Adagrad at lr 0.4 diverges on Beauty's 12,101 MiniLM embeddings here (Adagrad's first step moves every
+    weight by ±lr; loss ~1e12 in epoch 1, 6,044 items left on one code tuple), while Adam at 1e-3 trains smoothly
+    (loss 0.78 → 0.39, perplexity 229 / 235 / 243 per level, 5.3% of items need the collision code)."""
     x = _check_points(x, codebook_size)
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
