@@ -100,6 +100,19 @@ class EvalSet:
     def __len__(self) -> int:
         return len(self.user_idx)
 
+    def take(self, rows: np.ndarray) -> "EvalSet":
+        """The examples at ``rows`` (indices into this set), in that order."""
+        rows = np.asarray(rows, dtype=np.int64)
+        return EvalSet(self.user_idx[rows], self.history.take(rows), self.target[rows], self.target_time[rows])
+
+    def sample(self, n: int | None, seed: int) -> "EvalSet":
+        """A fixed random sample of n examples in their original order (the whole set when n is None or ≥ its
+        size); the same seed always gives the same users."""
+        if n is None or n >= len(self):
+            return self
+        rows = np.sort(np.random.default_rng(seed).choice(len(self), n, replace=False))
+        return self.take(rows)
+
 
 @dataclass(frozen=True)
 class Split:

@@ -40,7 +40,7 @@ def cmd_train(args) -> int:
 def cmd_evaluate(args) -> int:
     from pipelines.dataset import load_dataset
     from recsys.bundle import load_bundle
-    from recsys.evaluation import evaluate
+    from recsys.evaluation import KS, cutoffs, evaluate
 
     bundle = load_bundle(args.bundle)
     info = bundle.config["dataset"]
@@ -50,8 +50,10 @@ def cmd_evaluate(args) -> int:
                          f"({ds.content_hash[:12]} != {info['content_hash'][:12]}); rebuild it with the same settings")
     split = ds.split(info["split"])
     eval_set = split.test if args.split == "test" else split.valid
-    batch_size = bundle.config["train_config"]["eval_batch_size"]
-    metrics = evaluate(bundle.model, eval_set, ds.num_items, bundle.config["exclude_seen"], batch_size=batch_size)
+    train_config = bundle.config["train_config"]
+    ks = cutoffs(train_config.get("max_k", max(KS)))  # bundles from before max_k existed report every cutoff
+    metrics = evaluate(bundle.model, eval_set, ds.num_items, bundle.config["exclude_seen"], ks=ks,
+                       batch_size=train_config["eval_batch_size"])
     print(json.dumps(metrics, indent=2, sort_keys=True))
     return 0
 

@@ -27,6 +27,13 @@ from recsys.batching import eval_batches
 from recsys.models.base import SequentialModel
 
 KS = (1, 5, 10, 20, 50)
+
+
+def cutoffs(max_k: int) -> tuple[int, ...]:
+    """The reported cutoffs up to ``max_k`` (one of KS)."""
+    if max_k not in KS:
+        raise ValueError(f"max_k must be one of {KS}, got {max_k}")
+    return tuple(k for k in KS if k <= max_k)
 ITEM_CHUNK = 16384
 
 

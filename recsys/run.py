@@ -14,7 +14,7 @@ from pipelines.cli import parse_settings as parse_overrides  # noqa: F401  (one 
 from pipelines.dataset import ProcessedDataset, load_dataset
 from pipelines.jagged import Split
 from recsys.bundle import save_bundle
-from recsys.evaluation import evaluate
+from recsys.evaluation import cutoffs, evaluate
 from recsys.models import build_model, model_class
 from recsys.trainer import TrainConfig, Trainer
 
@@ -144,7 +144,7 @@ def train_run(
     try:
         result = trainer.fit(model, split, ds.num_items, exclude_seen, on_epoch=on_epoch, resume=resume,
                              fingerprint=key, test_set=split.test)
-        eval_kw = dict(batch_size=train_config.eval_batch_size, device=trainer.device)
+        eval_kw = dict(ks=cutoffs(train_config.max_k), batch_size=train_config.eval_batch_size, device=trainer.device)
         valid = evaluate(model, split.valid, ds.num_items, exclude_seen, **eval_kw)
         test = evaluate(model, split.test, ds.num_items, exclude_seen, **eval_kw)
         test_other = evaluate(model, split.test, ds.num_items, not exclude_seen, **eval_kw)

@@ -55,6 +55,18 @@ def test_train_evaluate_and_mlflow_registration(small_dataset, tmp_path, capsys)
     assert run.data.metrics["test_ndcg_at_10"] == pytest.approx(metrics["test"]["ndcg@10"])
 
 
+def test_max_k_bundle_evaluates_to_its_logged_cutoffs(small_dataset, tmp_path, capsys):
+    out = tmp_path / "bundle"
+    assert main(["train", "--model", "sasrec", "--dataset", str(small_dataset), "--epochs", "1", "--out", str(out),
+                 "--set", "hidden_size=16", "--set", "max_k=10", "--set", "valid_users=50", "--no-progress"]) == 0
+    capsys.readouterr()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert "ndcg@10" in metrics["test"] and "ndcg@20" not in metrics["test"]
+    assert metrics["valid"]["num_users"] > 50  # the final figures use every user; only the epochs' are sampled
+    assert main(["evaluate", "--bundle", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out) == metrics["test"]
+
+
 def test_report_writes_table_csv_figure_and_sets_champion(small_dataset, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code = main(["report", "--dataset", str(small_dataset), "--models", "pop", "sasrec", "--epochs", "3",

@@ -4,12 +4,14 @@ and bundles that reproduce their metrics exactly."""
 import json
 import re
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
+from pydantic import ValidationError
 
 from recsys.bundle import load_bundle, save_bundle
-from recsys.evaluation import evaluate
+from recsys.evaluation import cutoffs, evaluate
 from recsys.models import build_model
 from recsys.trainer import TrainConfig, Trainer
 from tests.helpers import toy_split
@@ -71,6 +73,32 @@ def test_best_epoch_is_restored(tmp_path):
     best = max(result.history, key=lambda h: h["valid"]["ndcg@10"])
     assert result.best_epoch == best["epoch"]
     assert evaluate(model, split.valid, num_items, True)["ndcg@10"] == best["valid"]["ndcg@10"]
+
+
+def test_valid_users_validates_every_epoch_on_one_seeded_sample_and_max_k_limits_the_cutoffs(tmp_path):
+    split, num_items = toy_split()
+    n = len(split.valid) // 2
+    model, result = _train(tmp_path, epochs=3, name="s", valid_users=n, max_k=10)
+    for record in result.history:
+        assert record["valid"]["num_users"] == n
+        assert {key.rsplit("@", 1)[1] for key in record["valid"] if "@" in key} == {"1", "5", "10"}
+    best = result.history[result.best_epoch - 1]["valid"]
+    # the restored best epoch scores on the trainer's sample (the config's seed, 3) exactly what it scored then
+    assert evaluate(model, split.valid.sample(n, 3), num_items, True, ks=cutoffs(10)) == best
+    with pytest.raises(ValidationError):
+        TrainConfig(max_k=5)  # below the selection metric's cutoff
+
+
+def test_eval_set_sample_is_fixed_by_its_seed_and_keeps_the_order():
+    valid = toy_split()[0].valid
+    a, again, other = valid.sample(5, 0), valid.sample(5, 0), valid.sample(5, 1)
+    assert np.array_equal(a.user_idx, again.user_idx) and not np.array_equal(a.user_idx, other.user_idx)
+    rows = [int(np.flatnonzero(valid.user_idx == user)[0]) for user in a.user_idx]
+    assert rows == sorted(rows) and len(set(rows)) == 5
+    for i, row in enumerate(rows):
+        assert a.target[i] == valid.target[row] and a.target_time[i] == valid.target_time[row]
+        assert all(np.array_equal(x, y) for x, y in zip(a.history.row(i), valid.history.row(row)))
+    assert valid.sample(None, 0) is valid and valid.sample(len(valid), 0) is valid
 
 
 def test_early_stopping_stops_after_patience(tmp_path):
