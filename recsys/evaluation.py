@@ -27,6 +27,7 @@ from recsys.batching import eval_batches
 from recsys.models.base import SequentialModel
 
 KS = (1, 5, 10, 20, 50)
+ITEM_CHUNK = 16384
 
 
 def cutoffs(max_k: int) -> tuple[int, ...]:
@@ -34,7 +35,6 @@ def cutoffs(max_k: int) -> tuple[int, ...]:
     if max_k not in KS:
         raise ValueError(f"max_k must be one of {KS}, got {max_k}")
     return tuple(k for k in KS if k <= max_k)
-ITEM_CHUNK = 16384
 
 
 def metrics_from_ranks(ranks: np.ndarray, ks=KS) -> dict[str, float]:
