@@ -1,9 +1,11 @@
 """Backend selection shared by every operator.
 
 ``reference`` is the readable specification (often a plain loop), ``torch`` the vectorised/chunked path that runs
-anywhere, ``triton`` the GPU kernel. ``auto`` picks Triton only for CUDA tensors when Triton is installed (and the
-operator has a Triton kernel), the torch path otherwise. Triton kernels also run on CPU tensors under Triton's
-interpreter (``TRITON_INTERPRET=1``), which is how their parity tests run on machines without a GPU.
+anywhere, ``triton`` the GPU kernel, ``cpu`` a fused C kernel for CPU tensors, compiled at first use with the
+machine's C compiler (kernels/_cpu.py). ``auto`` picks Triton only for CUDA tensors when Triton is installed (and
+the operator has a Triton kernel), the fused CPU kernel for CPU tensors when the operator has one and it builds,
+the torch path otherwise. Triton kernels also run on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1``),
+which is how their parity tests run on machines without a GPU.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ import os
 
 import torch
 
-BACKENDS = ("auto", "reference", "torch", "triton")
+from kernels import _cpu
+
+BACKENDS = ("auto", "reference", "torch", "triton", "cpu")
 
 
 @functools.cache
@@ -30,13 +34,22 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def resolve_backend(backend: str, *tensors: torch.Tensor, has_triton: bool = False) -> str:
+def resolve_backend(backend: str, *tensors: torch.Tensor, has_triton: bool = False, has_cpu: bool = False) -> str:
     """Map ``auto`` to a concrete backend; reject unknown names and impossible requests with a clear message."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
     on_cuda = any(t is not None and t.is_cuda for t in tensors)
     if backend == "auto":
-        return "triton" if has_triton and on_cuda and triton_available() else "torch"
+        if on_cuda:
+            return "triton" if has_triton and triton_available() else "torch"
+        return "cpu" if has_cpu and _cpu.cpu_kernels() is not None else "torch"
+    if backend == "cpu":
+        if not has_cpu:
+            raise ValueError("this operator has no fused CPU kernel; use backend='torch' or 'auto'")
+        if on_cuda:
+            raise ValueError("backend='cpu' needs CPU tensors")
+        if _cpu.cpu_kernels() is None:
+            raise ValueError(f"backend='cpu' is unavailable: {_cpu.cpu_unavailable_reason}")
     if backend == "triton":
         if not has_triton:
             raise ValueError("this operator has no Triton kernel; use backend='torch' or 'auto'")

@@ -25,6 +25,9 @@ Backends:
   per-step tensor already fills both cores. Measured on this 2-core CPU at B=256, L=200, d_inner=128, N=16:
   16-step chunks were 2× slower than one chunk, because every extra chunk adds memory traffic, not parallelism.
 - ``triton``: a Triton forward kernel (kernels/_triton_selective_scan.py) with the ``torch`` backward.
+- ``cpu``: fused C loops (kernels/_cpu_selective_scan.c) for forward and backward, with one batch row's
+  (d_inner, N) state in cache for the whole sequence and the rows split over the torch threads. What ``auto`` runs
+  on CPU tensors when the machine's C compiler can build it (kernels/_cpu.py); the torch path otherwise.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels._backend import resolve_backend
+from kernels._cpu import cpu_kernels, row_ranges, run_ranges
 
 LOG2E = math.log2(math.e)
 SEGMENT = 8  # positions between the backward pass's state checkpoints
@@ -242,6 +246,35 @@ class _SelectiveScan(torch.autograd.Function):
         return (*_chunked_backward(dt, x, A, B, C, checkpoints, ctx.chunk, gy.float().contiguous()), None, None)
 
 
+class _FusedCpuScan(torch.autograd.Function):
+    """y = scan(Δ, u, A, B, C) by the fused C kernels (kernels/_cpu_selective_scan.c), which also fold in x = Δ·u
+    and its gradient; the backward recomputes the states itself. Every input fp32 and contiguous."""
+
+    @staticmethod
+    def forward(ctx, dt, u, A, B, C):
+        batch, length, d_inner = u.shape
+        y = torch.empty_like(u)
+        ptrs = [t.data_ptr() for t in (dt, u, A, B, C, y)]
+        run_ranges("scan_forward", row_ranges(batch),
+                   lambda i, b0, b1: cpu_kernels().scan_forward(*ptrs, b0, b1, length, d_inner, A.shape[1]))
+        ctx.save_for_backward(dt, u, A, B, C)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        dt, u, A, B, C = ctx.saved_tensors
+        batch, length, d_inner = u.shape
+        ranges = row_ranges(batch)
+        ddt, du = torch.empty_like(u), torch.empty_like(u)
+        dA_parts = A.new_zeros(len(ranges), *A.shape)  # one ∂A accumulator per thread, summed below
+        dB, dC = torch.zeros_like(B), torch.zeros_like(C)
+        gy = gy.float().contiguous()
+        ptrs = [t.data_ptr() for t in (dt, u, A, B, C, gy, ddt, du)]
+        run_ranges("scan_backward", ranges, lambda i, b0, b1: cpu_kernels().scan_backward(
+            *ptrs, dA_parts[i].data_ptr(), dB.data_ptr(), dC.data_ptr(), b0, b1, length, d_inner, A.shape[1]))
+        return ddt, du, dA_parts.sum(0), dB, dC
+
+
 def selective_scan(
     u: torch.Tensor,
     delta: torch.Tensor,
@@ -263,7 +296,7 @@ def selective_scan(
     ``chunk_size`` (the ``torch`` backend's chunk length; None picks it from the shapes) never changes the result
     beyond fp32 rounding.
     """
-    backend = resolve_backend(backend, u, delta, A, B, C, has_triton=True)
+    backend = resolve_backend(backend, u, delta, A, B, C, has_triton=True, has_cpu=True)
     if u.ndim != 3 or delta.shape != u.shape:
         raise ValueError(f"expected u and delta (batch, length, d_inner), got {tuple(u.shape)}, {tuple(delta.shape)}")
     batch, length, d_inner = u.shape
@@ -290,6 +323,8 @@ def selective_scan(
         y = _scan_reference(u32, dt, A32, B32, C32)
     elif length == 0:
         y = u32.new_zeros(batch, 0, d_inner)
+    elif backend == "cpu":
+        y = _FusedCpuScan.apply(*(t.contiguous() for t in (dt, u32, A32, B32, C32)))
     else:
         # The torch path takes rows in slices whose per-step state stays near STEP_ELEMENTS (cache-sized): one scan
         # over a batch whose state does not fit the cache streams every step through memory (measured 2.5-3.6×

@@ -1,11 +1,12 @@
-"""Selective scan (Mamba-1, Gu & Dao 2023, eq. 2a-2b): the chunked torch path and the Triton kernel against the
-time-step loop of the reference.
+"""Selective scan (Mamba-1, Gu & Dao 2023, eq. 2a-2b): the chunked torch path, the fused C kernel (``cpu``) and the
+Triton kernel against the time-step loop of the reference.
 
 Error metric throughout: rel_err(x, ref) = max|x − ref| / max|ref| (max-abs error over the max-abs value of the
 reference), ≤ 1e-4 in fp32. Triton tests run with `TRITON_INTERPRET=1 .venv/bin/python -m pytest -m triton ...`.
 """
 
 import importlib
+import os
 
 import pytest
 import torch
@@ -15,6 +16,16 @@ from kernels.selective_scan import selective_scan
 from tests.helpers import rel_err
 
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+
+
+def cpu_kernel_missing() -> str | None:
+    from kernels import _cpu
+
+    return None if _cpu.cpu_kernels() is not None else _cpu.cpu_unavailable_reason
+
+
+CPU = pytest.param("cpu", marks=pytest.mark.skipif(cpu_kernel_missing() is not None, reason=str(cpu_kernel_missing())))
+FAST = ["torch", CPU]  # the backends that run on CPU tensors besides the reference
 
 
 def make_inputs(batch, length, d_inner, n, seed=0, dtype=torch.float32):
@@ -69,25 +80,27 @@ CASES = [  # (batch, length, d_inner, N, chunk_size)
 ]
 
 
+@pytest.mark.parametrize("backend", FAST)
 @pytest.mark.parametrize("batch,length,d_inner,n,chunk", CASES)
 @pytest.mark.parametrize("padded", [False, True])
-def test_torch_matches_reference(batch, length, d_inner, n, chunk, padded):
+def test_fast_backends_match_reference(backend, batch, length, d_inner, n, chunk, padded):
     inputs = make_inputs(batch, length, d_inner, n, seed=length)
     pad_mask = left_pad_mask([length, max(1, length // 2), max(0, length - 3)][:batch], length) if padded else None
     ref = run(inputs, "reference", pad_mask=pad_mask)
-    assert_parity(run(inputs, "torch", pad_mask=pad_mask, chunk_size=chunk), ref)
+    assert_parity(run(inputs, backend, pad_mask=pad_mask, chunk_size=chunk), ref)
 
 
+@pytest.mark.parametrize("backend", FAST)
 @pytest.mark.parametrize("use", [
     ("u", "delta", "A", "B", "C"),
     ("u", "delta", "A", "B", "C", "D"),
     ("u", "delta", "A", "B", "C", "z"),
     ("u", "delta", "A", "B", "C", "delta_bias"),
 ])
-def test_torch_matches_reference_optional_arguments(use):
+def test_fast_backends_match_reference_optional_arguments(backend, use):
     inputs = make_inputs(2, 37, 5, 4, seed=3)
     pad_mask = left_pad_mask([37, 20], 37)
-    assert_parity(run(inputs, "torch", use, pad_mask, chunk_size=8), run(inputs, "reference", use, pad_mask))
+    assert_parity(run(inputs, backend, use, pad_mask, chunk_size=8), run(inputs, "reference", use, pad_mask))
 
 
 def test_no_softplus_and_default_chunk():
@@ -119,24 +132,28 @@ def test_a_batch_too_large_for_the_cache_runs_in_row_slices(monkeypatch):
     assert_parity(run(inputs, "torch", pad_mask=pad_mask, chunk_size=None), run(inputs, "reference", pad_mask=pad_mask))
 
 
-def test_large_steps_do_not_overflow():
-    """Δ·A of −1000 per step: the chunked scan uses only products of Ā ≤ 1, so nothing overflows."""
+@pytest.mark.parametrize("backend", FAST)
+def test_large_steps_do_not_overflow(backend):
+    """Δ·A of −1000 per step: the chunked scan uses only products of Ā ≤ 1, so nothing overflows; the C kernel's
+    exp2 clamps such decays to 2^-126 ≈ 1e-38, which no result can see."""
     inputs = make_inputs(2, 50, 4, 3, seed=5)
     inputs["delta"] = inputs["delta"] + 60.0
     ref = run(inputs, "reference")
-    got = run(inputs, "torch", chunk_size=16)
+    got = run(inputs, backend, chunk_size=16)
     assert torch.isfinite(got[0]).all()
     assert_parity(got, ref)
 
 
 @pytest.mark.parametrize("backend,chunk,extra_pad", [
     ("reference", 16, 5), ("torch", 8, 16), ("torch", 5, 10), ("torch", 8, 7), ("torch", 16, 0),
+    pytest.param("cpu", 16, 9, marks=CPU.marks),
 ])
 def test_left_padding_is_a_no_op(backend, chunk, extra_pad):
     """A user's outputs at real positions do not change with extra left padding: bit-identical for the reference
-    (and the Triton kernel, below); for the torch path within rel_err 1e-6, because the state is exactly untouched
-    by pads (Ā = 1, no input) but vectorised exp() may round the last bit differently when the tensor sizes and
-    offsets change. Pads output 0, and garbage at pads (even inf/nan) changes nothing and gets no gradient."""
+    (and the Triton kernel, below); for the torch path and the C kernel within rel_err 1e-6, because the state is
+    exactly untouched by pads (Ā = 1, no input) but vectorised exp() (and softplus, before the C kernel) may round
+    the last bit differently when the tensor sizes and offsets change. Pads output 0, and garbage at pads (even
+    inf/nan) changes nothing and gets no gradient."""
     real, base_pad = 23, 4
     full = make_inputs(1, real, 6, 4, seed=6)
     outs = []
@@ -184,11 +201,79 @@ def test_empty_and_validation():
 def test_auto_picks_torch_on_cpu():
     from kernels._backend import resolve_backend, triton_interpreted
 
-    assert resolve_backend("auto", torch.zeros(1), has_triton=True) == "torch"
+    assert resolve_backend("auto", torch.zeros(1), has_triton=True) == "torch"  # no fused CPU kernel: torch
     if not triton_interpreted():
         inputs = make_inputs(1, 3, 2, 2)
         with pytest.raises(ValueError):
             selective_scan(*[inputs[k] for k in ("u", "delta", "A", "B", "C")], backend="triton")
+
+
+@CPU.marks[0]
+@pytest.mark.parametrize("n", [16, 32, 5])
+def test_cpu_kernel_specialised_state_sizes_and_thread_ranges(n):
+    """N = 16 and 32 run the kernel's compile-time specialisations, 5 the generic loop; d_inner 40 leaves a partial
+    channel block (blocks of 16); 5 rows over 2 threads give unequal row ranges and two ∂A accumulators."""
+    inputs = make_inputs(5, 61, 40, n, seed=14)
+    pad_mask = left_pad_mask([61, 30, 1, 61, 7], 61)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        got = run(inputs, "cpu", pad_mask=pad_mask)
+    finally:
+        torch.set_num_threads(threads)
+    assert_parity(got, run(inputs, "reference", pad_mask=pad_mask))
+
+
+@CPU.marks[0]
+def test_auto_picks_the_cpu_kernel_and_falls_back_to_torch(monkeypatch):
+    from kernels import _cpu
+    from kernels._backend import resolve_backend
+
+    assert resolve_backend("auto", torch.zeros(1), has_triton=True, has_cpu=True) == "cpu"
+    monkeypatch.setattr(_cpu, "cpu_kernels", lambda: None)
+    monkeypatch.setattr(_cpu, "cpu_unavailable_reason", "no compiler here")
+    assert resolve_backend("auto", torch.zeros(1), has_triton=True, has_cpu=True) == "torch"
+    inputs = make_inputs(2, 9, 3, 2)
+    args = [inputs[k] for k in ("u", "delta", "A", "B", "C")]
+    assert rel_err(selective_scan(*args), selective_scan(*args, backend="reference")) <= 1e-4
+    with pytest.raises(ValueError, match="no compiler here"):
+        selective_scan(*args, backend="cpu")
+    with pytest.raises(ValueError, match="no fused CPU kernel"):
+        resolve_backend("cpu", torch.zeros(1))
+
+
+@CPU.marks[0]
+def test_loading_the_cpu_kernel_leaves_subnormal_floats_alone():
+    """A library built with -ffast-math would switch the process to flush-to-zero when loaded."""
+    import sys
+
+    from kernels import _cpu
+
+    assert _cpu.cpu_kernels() is not None
+    tiny = sys.float_info.min
+    assert tiny / 2 > 0
+    assert torch.tensor(1e-40) > 0
+
+
+def test_cpu_kernel_build_is_cached_and_a_failed_build_leaves_nothing(tmp_path, monkeypatch):
+    """The library lands under a name that hashes source, flags, compiler and CPU, via a temporary file: a second
+    build reuses it, and a compiler error raises with the compiler's message and leaves no file behind."""
+    from kernels import _cpu
+
+    monkeypatch.setenv("RECSYS_KERNEL_CACHE", str(tmp_path / "cache"))
+    failing = tmp_path / "failing-cc"
+    failing.write_text("#!/bin/sh\nif [ \"$1\" = --version ]; then echo fake 1.0; exit 0; fi\n"
+                       "echo 'error: no such luck' >&2; exit 1\n")
+    failing.chmod(0o755)
+    with pytest.raises(RuntimeError, match="no such luck"):
+        _cpu._build(str(failing))
+    assert list((tmp_path / "cache").iterdir()) == []
+    if cpu_kernel_missing() is None:
+        lib = _cpu._build(os.environ.get("CC", "cc"))
+        assert lib.parent == tmp_path / "cache" and lib.suffix == ".so"
+        mtime = lib.stat().st_mtime_ns
+        assert _cpu._build(os.environ.get("CC", "cc")) == lib and lib.stat().st_mtime_ns == mtime
+        assert [p.name for p in lib.parent.iterdir()] == [lib.name]
 
 
 def triton_device():

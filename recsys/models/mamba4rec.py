@@ -38,11 +38,12 @@ from kernels import causal_conv1d, selective_scan
 from recsys.losses import build_loss, supervised_loss
 from recsys.models.base import ModelConfig, SequentialModel, register
 
-Backend = Literal["auto", "reference", "torch", "triton"]
+Backend = Literal["auto", "reference", "torch", "triton", "cpu"]
 
 
 def conv_backend(backend: str) -> str:
-    """The causal convolution has no Triton kernel: ``triton`` (and ``auto``) run its torch path."""
+    """The causal convolution has no Triton or fused CPU kernel: ``triton``, ``cpu`` and ``auto`` run its torch
+    path."""
     return backend if backend in ("reference", "torch") else "auto"
 
 
