@@ -1,8 +1,8 @@
-"""Build and load the fused C kernels of the ``cpu`` backend (kernels/_cpu_*.c).
+"""Build and load the fused C kernels of the ``cpu`` backend (kernels/_cpu_*.c, one library).
 
-The machine's C compiler (``$CC``, default ``cc``) compiles a source once, with ``-O3 -march=native`` and the
+The machine's C compiler (``$CC``, default ``cc``) compiles the sources once, with ``-O3 -march=native`` and the
 reassociation that lets the loops over the state vectorise, into a shared library cached under
-``$RECSYS_KERNEL_CACHE`` (default ``~/.cache/recsys/kernels``). The file name hashes the source, the flags, the
+``$RECSYS_KERNEL_CACHE`` (default ``~/.cache/recsys/kernels``). The file name hashes the sources, the flags, the
 compiler's version and this CPU's feature flags, so a changed source or another CPU builds afresh and a library
 built with ``-march=native`` elsewhere is never loaded here. The library is written to a temporary name and
 renamed into place, so an interrupted build never leaves a file that looks complete.
@@ -27,7 +27,9 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("_cpu_selective_scan.c")
+HERE = Path(__file__).parent
+SOURCES = [HERE / "_cpu_selective_scan.c", HERE / "_cpu_ssd.c"]
+HEADERS = [HERE / "_cpu_exp2.h"]
 # Not -ffast-math: gcc then links crtfastmath.o into the library, whose loading switches the whole process to
 # flush-to-zero (every later float op in Python, torch or numpy would lose subnormals). These flags are the parts
 # of it that the loops need (measured: without reassociation the forward runs 2.2× slower); NaN and inf keep
@@ -38,6 +40,8 @@ _P, _I = ctypes.c_void_p, ctypes.c_int64
 SIGNATURES = {  # the exported functions: argument types; each returns int (0 = ok, 1 = out of memory)
     "scan_forward": [_P] * 6 + [_I] * 5,
     "scan_backward": [_P] * 11 + [_I] * 5,
+    "ssd_forward": [_P] * 8 + [_I] * 7,
+    "ssd_backward": [_P] * 14 + [_I] * 7,
 }
 
 
@@ -57,17 +61,18 @@ def _cpu_flags() -> str:
 
 def _build(compiler: str) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), *FLAGS, version, _cpu_flags()]).encode()).hexdigest()[:16]
-    lib = _cache_dir() / f"{SOURCE.stem}-{key}.so"
+    texts = [f.read_text() for f in SOURCES + HEADERS]
+    key = hashlib.sha256("\0".join([*texts, *FLAGS, version, _cpu_flags()]).encode()).hexdigest()[:16]
+    lib = _cache_dir() / f"recsys-cpu-kernels-{key}.so"
     if lib.exists():
         return lib
     lib.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so.partial", dir=lib.parent)
     os.close(fd)
     try:
-        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
+        done = subprocess.run([compiler, *FLAGS, *map(str, SOURCES), "-o", tmp], capture_output=True, text=True)
         if done.returncode != 0:
-            raise RuntimeError(f"{compiler} failed on {SOURCE.name}: {done.stderr.strip()[-2000:]}")
+            raise RuntimeError(f"{compiler} failed on {HERE}/_cpu_*.c: {done.stderr.strip()[-2000:]}")
         os.replace(tmp, lib)
     finally:
         if os.path.exists(tmp):

@@ -13,35 +13,14 @@
  * and each thread its own dA, so threads share nothing they write. Δ = 0 (with B = C = 0) at padded positions
  * makes them an exact no-op, as in the other backends. Built and loaded by kernels/_cpu.py.
  *
- * The loops over the N state entries are the vectorised ones (`omp simd`). N is made a compile-time constant for
- * the common sizes (the `_impl` functions are inlined into a switch), which spares the vector loop its remainder
- * handling: ~30% of the backward's time at N = 16, where the whole loop is one AVX-512 vector.
+ * The loops over the N state entries are the vectorised ones (`omp simd`); the `_impl` functions are inlined into
+ * the exported ones with N as a constant for the common sizes.
  */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-#define LOG2E 1.4426950408889634f
-
-/* 2^x to ~1e-7 relative error: x = k + f with k an integer and |f| ≤ 1/2, 2^f by its degree-6 Taylor polynomial
- * (remainder ≤ (ln2 / 2)^7 / 7! ≈ 1.2e-7), 2^k written into the exponent bits. Inlined and vectorised, unlike
- * libm's expf (a call per vector, and a third of the backward's time). x is clamped to ±126, so decays below
- * 2^-126 ≈ 1e-38 read as 2^-126, not 0: a difference no fp32 sum of O(1) terms can see. */
-static inline float exp2_approx(float x) {
-  x = x < -126.f ? -126.f : (x > 126.f ? 126.f : x);
-  const float k = __builtin_roundf(x), f = x - k;
-  float p = 1.5403530393381609e-4f;
-  p = p * f + 1.3333558146428443e-3f;
-  p = p * f + 9.618129107628477e-3f;
-  p = p * f + 5.550410866482158e-2f;
-  p = p * f + 2.402265069591007e-1f;
-  p = p * f + 6.931471805599453e-1f;
-  p = p * f + 1.f;
-  const int32_t bits = ((int32_t)k + 127) << 23;
-  float scale;
-  memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
-}
+#include "_cpu_exp2.h"
 
 #define INLINE static inline __attribute__((always_inline))
 
@@ -162,7 +141,9 @@ INLINE int backward_impl(const float *dt, const float *u, const float *A, const 
   return 0;
 }
 
-/* Exported entry points. Return 0, or 1 if scratch memory could not be allocated. */
+/* Exported entry points. Return 0, or 1 if scratch memory could not be allocated. N = 16 and 32 are compiled as
+ * constants, which spares the vector loop its remainder handling (one thread, B = 256: backward 0.66 ns per state
+ * element with the generic loop, 0.46 ns specialised). */
 int scan_forward(const float *dt, const float *u, const float *A, const float *B, const float *C, float *y,
                  int64_t b0, int64_t b1, int64_t L, int64_t D, int64_t N) {
   switch (N) {

@@ -23,6 +23,9 @@ Backends:
 - ``triton``: one Triton program per (batch, head) walks the chunks in order, keeping the (head_dim, N) state in
   registers; inside a chunk it does the same intra-chunk / state→output / chunk-state matmuls. Backward recomputes
   through the torch chunked path inside a custom ``autograd.Function`` (no Triton backward kernel).
+- ``cpu``: fused C loops (kernels/_cpu_ssd.c) that run the recurrence itself in time order, forward and backward,
+  with each (row, head)'s (head_dim, N) state in cache and the rows split over the torch threads. What ``auto``
+  runs on CPU tensors when the machine's C compiler can build it (kernels/_cpu.py); the torch path otherwise.
 
 All internal math is fp32; ``y`` is returned in ``x``'s dtype, the final state in fp32.
 """
@@ -33,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels._backend import resolve_backend
+from kernels._cpu import cpu_kernels, row_ranges, run_ranges
 
 DEFAULT_CHUNK = 32  # TiM4Rec's chunk; on the CPU at B=256, L=200 Q=16 and 32 are within ~10-25%, 64 is ~2x slower
 
@@ -141,6 +145,40 @@ class _TritonSSD(torch.autograd.Function):
         return (*result, None)
 
 
+class _FusedCpuSSD(torch.autograd.Function):
+    """(y, final state) = the SSD recurrence by the fused C kernels; every input fp32 and contiguous, h0 optional.
+    The backward recomputes the states itself."""
+
+    @staticmethod
+    def forward(ctx, x, delta, A, B, C, h0):
+        b, length, heads, p = x.shape
+        g, n = B.shape[2], B.shape[3]
+        y, final = torch.empty_like(x), x.new_empty(b, heads, p, n)
+        ptrs = [t.data_ptr() if t is not None else None for t in (x, delta, A, B, C, h0, y, final)]
+        run_ranges("ssd_forward", row_ranges(b),
+                   lambda i, b0, b1: cpu_kernels().ssd_forward(*ptrs, b0, b1, length, heads, p, g, n))
+        ctx.save_for_backward(x, delta, A, B, C, h0)
+        return y, final
+
+    @staticmethod
+    def backward(ctx, gy, gfinal):
+        x, delta, A, B, C, h0 = ctx.saved_tensors
+        b, length, heads, p = x.shape
+        g, n = B.shape[2], B.shape[3]
+        ranges = row_ranges(b)
+        dx, ddelta = torch.empty_like(x), torch.empty_like(delta)
+        dA_parts = A.new_zeros(len(ranges), heads)  # one ∂A accumulator per thread, summed below
+        dB, dC = torch.zeros_like(B), torch.zeros_like(C)
+        dh0 = torch.empty_like(h0) if h0 is not None and ctx.needs_input_grad[5] else None
+        gy = gy.float().contiguous() if gy is not None else torch.zeros_like(x)
+        gfinal = gfinal.float().contiguous() if gfinal is not None else None
+        ptrs = [t.data_ptr() if t is not None else None for t in (x, delta, A, B, C, h0, gy, gfinal, dx, ddelta)]
+        run_ranges("ssd_backward", ranges, lambda i, b0, b1: cpu_kernels().ssd_backward(
+            *ptrs, dA_parts[i].data_ptr(), dB.data_ptr(), dC.data_ptr(), dh0.data_ptr() if dh0 is not None else None,
+            b0, b1, length, heads, p, g, n))
+        return dx, ddelta, dA_parts.sum(0), dB, dC, dh0
+
+
 def _check_shapes(x, dt, A, B, C, D, dt_bias, dt_scale, initial_state, pad_mask):
     if x.ndim != 4:
         raise ValueError(f"x must be (batch, length, heads, head_dim), got {tuple(x.shape)}")
@@ -189,7 +227,7 @@ def ssd(
     Returns y shaped and typed like x; with ``return_final_state`` also the state after the last position,
     (batch, heads, head_dim, N) in fp32.
     """
-    backend = resolve_backend(backend, x, dt, A, B, C, has_triton=True)
+    backend = resolve_backend(backend, x, dt, A, B, C, has_triton=True, has_cpu=True)
     _check_shapes(x, dt, A, B, C, D, dt_bias, dt_scale, initial_state, pad_mask)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -209,6 +247,9 @@ def ssd(
     if backend == "reference":
         r = x.shape[2] // B.shape[2]
         y, final = _reference_core(xf, delta, Af, Bf.repeat_interleave(r, dim=2), Cf.repeat_interleave(r, dim=2), h0)
+    elif backend == "cpu":
+        y, final = _FusedCpuSSD.apply(*(t.contiguous() if t is not None else None
+                                        for t in (xf, delta, Af, Bf, Cf, h0)))
     elif backend == "triton":
         y, final = _TritonSSD.apply(xf.contiguous(), delta.contiguous(), Af.contiguous(), Bf.contiguous(),
                                     Cf.contiguous(), h0.contiguous() if h0 is not None else None, int(chunk_size))

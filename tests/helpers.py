@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from pipelines.jagged import Jagged
@@ -56,3 +57,15 @@ def fitted_tiny_tiger(num_items: int, seed: int = 0, **extra):
     model = build_model("tiger", num_items, {**TINY_TIGER, **extra})
     model.fit_semantic_ids(random_embeddings(num_items, TINY_TIGER["text_dim"]))
     return model
+
+
+def cpu_kernel_missing() -> str | None:
+    """Why the fused C kernels (backend ``cpu``) cannot be built here, or None when they can."""
+    from kernels import _cpu
+
+    return None if _cpu.cpu_kernels() is not None else _cpu.cpu_unavailable_reason
+
+
+# Kernel backends that run on CPU tensors besides the reference; ``cpu`` skips (with the reason) without a compiler.
+CPU = pytest.param("cpu", marks=pytest.mark.skipif(cpu_kernel_missing() is not None, reason=str(cpu_kernel_missing())))
+FAST = ["torch", CPU]

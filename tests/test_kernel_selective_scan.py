@@ -13,19 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from kernels.selective_scan import selective_scan
-from tests.helpers import rel_err
+from tests.helpers import CPU, FAST, cpu_kernel_missing, rel_err
 
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
-
-
-def cpu_kernel_missing() -> str | None:
-    from kernels import _cpu
-
-    return None if _cpu.cpu_kernels() is not None else _cpu.cpu_unavailable_reason
-
-
-CPU = pytest.param("cpu", marks=pytest.mark.skipif(cpu_kernel_missing() is not None, reason=str(cpu_kernel_missing())))
-FAST = ["torch", CPU]  # the backends that run on CPU tensors besides the reference
 
 
 def make_inputs(batch, length, d_inner, n, seed=0, dtype=torch.float32):

@@ -1,5 +1,6 @@
 """Mamba-2 SSD (Dao & Gu 2024, §6 / Listing 1; model-specs §3b) with TiM4Rec's time-scaled Δ (model-specs §5):
-the chunked torch path and the Triton kernel against the time-step loop of the reference.
+the chunked torch path, the fused C kernel (``cpu``) and the Triton kernel against the time-step loop of the
+reference.
 
 Error metric throughout: rel_err(x, ref) = max|x − ref| / max|ref| (max-abs error over the max-abs value of the
 reference), ≤ 1e-4 in fp32 for values and for the gradients of every input. bf16 inputs: ≤ 2e-2 against the fp32
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from kernels.ssd import segsum, ssd
-from tests.helpers import rel_err
+from tests.helpers import CPU, FAST, rel_err
 
 NAMES = ("x", "dt", "A", "B", "C", "D", "dt_bias", "dt_scale", "initial_state")
 
@@ -76,11 +77,12 @@ def test_segsum_is_stable_and_matches_definition():
     assert segsum(big)[0, 40, 39].item() == pytest.approx(-1e-3, rel=1e-6)
 
 
+@pytest.mark.parametrize("backend", FAST)
 @pytest.mark.parametrize("length", [1, 7, 50, 200, 201])
-def test_torch_matches_reference_lengths(length):
+def test_fast_backends_match_reference_lengths(backend, length):
     # chunk 16 divides none of 1, 7, 50, 201 (and 200 = 12.5 chunks)
     inputs = make_inputs(length=length, groups=2, seed=length)
-    assert_parity(run(inputs, "torch", chunk_size=16), run(inputs, "reference"))
+    assert_parity(run(inputs, backend, chunk_size=16), run(inputs, "reference"))
 
 
 @pytest.mark.parametrize("chunk_size", [1, 3, 7, 32, 64])
@@ -96,16 +98,18 @@ def test_torch_matches_reference_chunks_groups(chunk_size, groups):
     ("x", "dt", "A", "B", "C", "dt_scale"),  # dt_scale on, no bias
     ("x", "dt", "A", "B", "C", "initial_state"),
 ], ids=["plain", "no_time_scale", "time_scale_no_bias", "initial_state_only"])
-def test_torch_matches_reference_optional_inputs(use):
+@pytest.mark.parametrize("backend", FAST)
+def test_fast_backends_match_reference_optional_inputs(backend, use):
     inputs = make_inputs(length=45, groups=2, seed=3)
-    assert_parity(run(inputs, "torch", use=use, chunk_size=8), run(inputs, "reference", use=use))
+    assert_parity(run(inputs, backend, use=use, chunk_size=8), run(inputs, "reference", use=use))
 
 
-def test_dt_without_softplus():
+@pytest.mark.parametrize("backend", FAST)
+def test_dt_without_softplus(backend):
     inputs = make_inputs(length=30, seed=4)
     inputs["dt"] = inputs["dt"].abs() * 0.1  # Δ used as given (must be ≥ 0 for a decaying state)
     use = ("x", "dt", "A", "B", "C", "D", "dt_scale", "initial_state")
-    assert_parity(run(inputs, "torch", use=use, dt_softplus=False, chunk_size=8),
+    assert_parity(run(inputs, backend, use=use, dt_softplus=False, chunk_size=8),
                   run(inputs, "reference", use=use, dt_softplus=False))
 
 
@@ -135,11 +139,12 @@ def test_group_to_head_mapping():
         assert rel_err(y[:, :, hs], part) <= 1e-5
 
 
+@pytest.mark.parametrize("backend", FAST)
 @pytest.mark.parametrize("length,chunk_size", [(50, 16), (201, 32)])
-def test_left_padded_batch_with_pad_mask(length, chunk_size):
+def test_left_padded_batch_with_pad_mask(backend, length, chunk_size):
     inputs = make_inputs(batch=3, length=length, groups=2, seed=7)
     mask = left_pad_mask([length, length - 13, 4], length)
-    got = run(inputs, "torch", chunk_size=chunk_size, pad_mask=mask)
+    got = run(inputs, backend, chunk_size=chunk_size, pad_mask=mask)
     ref = run(inputs, "reference", pad_mask=mask)
     assert_parity(got, ref)
     for y, _, grads in (got, ref):
@@ -149,13 +154,16 @@ def test_left_padded_batch_with_pad_mask(length, chunk_size):
 
 
 @pytest.mark.parametrize("backend,softplus,tol", [("reference", False, 0.0), ("reference", True, 1e-6),
-                                                  ("torch", True, 1e-5)])
+                                                  ("torch", True, 1e-5),
+                                                  pytest.param("cpu", False, 0.0, marks=CPU.marks),
+                                                  pytest.param("cpu", True, 1e-6, marks=CPU.marks)])
 def test_padding_is_exact_noop(backend, softplus, tol):
     """A user's outputs at the real positions do not depend on how much left padding precedes them (pad values are
     garbage on purpose). The reference recurrence is bit-identical (tol 0) when Δ is given directly; with the
     softplus, torch's vectorised softplus rounds a few ulps differently in the SIMD body and the scalar tail, so the
     same dt at a shifted position can differ by 1 ulp (≤ 1e-6). The chunked path also moves chunk boundaries, so
-    only rounding differs there (≤ 1e-5 relative)."""
+    only rounding differs there (≤ 1e-5 relative). The C kernel runs the recurrence in time order like the
+    reference, so it is bit-identical too."""
     length, extra = 23, 18
     base = make_inputs(batch=1, length=length, groups=2, seed=8)
     if not softplus:
@@ -191,7 +199,7 @@ def test_right_padding_final_state_is_state_at_last_real_token():
     assert rel_err(f_pad, f_short) <= 1e-5
 
 
-@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("backend", ["reference", *FAST])
 def test_bf16_inputs(backend):
     inputs = make_inputs(length=50, groups=2, seed=11, dtype=torch.bfloat16)
     got = run(inputs, backend, chunk_size=16)
@@ -204,7 +212,8 @@ def test_bf16_inputs(backend):
         assert rel_err(grads[k], ref[2][k]) <= 2e-2, (k, rel_err(grads[k], ref[2][k]))
 
 
-def test_non_contiguous_inputs():
+@pytest.mark.parametrize("backend", FAST)
+def test_non_contiguous_inputs(backend):
     """Mamba-2 splits x, B, C, dt out of one projection, so they arrive as strided views."""
     p = make_inputs(length=19, heads=4, head_dim=8, groups=2, n=5, seed=12)
     b, length = 2, 19
@@ -214,9 +223,36 @@ def test_non_contiguous_inputs():
     C = packed[..., 42:52].unflatten(-1, (2, 5))
     dt = packed[..., 52:]
     kw = dict(D=p["D"], dt_bias=p["dt_bias"], initial_state=p["initial_state"], chunk_size=8)
-    got = ssd(x, dt, p["A"], B, C, backend="torch", **kw)
+    got = ssd(x, dt, p["A"], B, C, backend=backend, **kw)
     ref = ssd(x.contiguous(), dt.contiguous(), p["A"], B.contiguous(), C.contiguous(), backend="reference", **kw)
     assert rel_err(got, ref) <= 1e-4
+
+
+@CPU.marks[0]
+@pytest.mark.parametrize("n", [16, 32, 64, 5])
+def test_cpu_kernel_specialised_state_sizes_thread_ranges_and_y_only(n):
+    """N = 16, 32, 64 run the kernel's compile-time specialisations, 5 the generic loop; 5 rows over 2 threads give
+    unequal row ranges (two ∂A accumulators); only y is used (no final-state gradient) and there is no initial
+    state, the paths ``run`` does not take."""
+    inputs = make_inputs(batch=5, length=41, heads=4, head_dim=6, groups=2, n=n, seed=15)
+    mask = left_pad_mask([41, 20, 1, 41, 9], 41)
+    use = ("x", "dt", "A", "B", "C", "D", "dt_bias", "dt_scale")
+    results = []
+    threads = torch.get_num_threads()
+    for backend in ("reference", "cpu"):
+        leaves = {k: inputs[k].clone().requires_grad_() for k in use}
+        try:
+            torch.set_num_threads(2)
+            y = ssd(*(leaves[k] for k in ("x", "dt", "A", "B", "C")), D=leaves["D"], dt_bias=leaves["dt_bias"],
+                    dt_scale=leaves["dt_scale"], pad_mask=mask, backend=backend)
+        finally:
+            torch.set_num_threads(threads)
+        (y * torch.randn(y.shape, generator=torch.Generator().manual_seed(2))).sum().backward()
+        results.append((y.detach(), {k: v.grad for k, v in leaves.items()}))
+    (y_ref, g_ref), (y, g) = results
+    assert rel_err(y, y_ref) <= 1e-4
+    for k in use:
+        assert rel_err(g[k], g_ref[k]) <= 1e-4, (k, rel_err(g[k], g_ref[k]))
 
 
 def test_default_call_returns_only_y_in_input_dtype():

@@ -84,11 +84,12 @@ from recsys.batching import LastPositionTrainBatches, SequenceBatch
 from recsys.losses import build_loss, last_position_loss
 from recsys.models.base import ModelConfig, SequentialModel, register
 
-Backend = Literal["auto", "reference", "torch", "triton"]
+Backend = Literal["auto", "reference", "torch", "triton", "cpu"]
 
 
 def _conv_backend(backend: str) -> str:
-    """The causal convolution has no Triton kernel: ``triton`` (and ``auto``) run its torch path."""
+    """The causal convolution has no Triton or fused CPU kernel: ``triton``, ``cpu`` and ``auto`` run its torch
+    path."""
     return backend if backend in ("reference", "torch") else "auto"
 
 
