@@ -67,7 +67,7 @@ def _reference_core(x, delta, A, B, C, h0):
         inp = (delta[:, t, :, None] * x[:, t])[..., None] * B[:, t, :, None, :]  # Δ_t·x_t ⊗ B_t, (b, h, p, n)
         state = decay[..., None, None] * state + inp
         ys.append(torch.einsum("bhpn,bhn->bhp", state, C[:, t]))
-    return torch.stack(ys, dim=1), state
+    return (torch.stack(ys, dim=1) if ys else x.new_zeros(b, 0, heads, p)), state
 
 
 def _chunked_core(x, delta, A, B, C, h0, chunk_size):

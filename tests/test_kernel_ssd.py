@@ -255,6 +255,18 @@ def test_cpu_kernel_specialised_state_sizes_thread_ranges_and_y_only(n):
         assert rel_err(g[k], g_ref[k]) <= 1e-4, (k, rel_err(g[k], g_ref[k]))
 
 
+@pytest.mark.parametrize("backend", ["reference", *FAST])
+def test_empty_sequence_passes_the_initial_state_through(backend):
+    p = make_inputs(length=0, seed=16)
+    h0 = p["initial_state"].clone().requires_grad_()
+    y, final = ssd(p["x"], p["dt"], p["A"], p["B"], p["C"], initial_state=h0, return_final_state=True,
+                   backend=backend)
+    assert y.shape == p["x"].shape and torch.equal(final, p["initial_state"])
+    grad = torch.randn(final.shape)
+    final.backward(grad)
+    assert torch.equal(h0.grad, grad)
+
+
 def test_default_call_returns_only_y_in_input_dtype():
     p = make_inputs(length=10)
     y = ssd(p["x"], p["dt"], p["A"], p["B"], p["C"])
