@@ -12,7 +12,7 @@ SET ?=
 MODEL_URI ?=
 BUNDLE ?=
 
-.PHONY: setup test test-slow test-triton eval serve mlflow-ui bench bench-kernels bench-serving bench-generative lint clean
+.PHONY: setup test test-slow test-triton eval serve mlflow-ui bench bench-kernels bench-kernels-gpu bench-serving bench-generative lint clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found (set PYTHON=...)"; exit 1; }
@@ -52,6 +52,12 @@ bench: $(STAMP)
 # Kernels against their baselines (about 6 minutes on 2 cores).
 bench-kernels: $(STAMP)
 	$(PY) tests/benchmarks/kernels.py
+
+# Triton kernels against the torch path and the measured copy bandwidth, on a CUDA device (needs a CUDA build of
+# torch in .venv; on a machine whose python3 already has torch and triton: python3 tests/benchmarks/kernels_gpu.py).
+bench-kernels-gpu: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[dev,triton]'
+	$(PY) tests/benchmarks/kernels_gpu.py
 
 # The REST service under load (SASRec on Amazon Beauty, trained first if runs/amazon-beauty/sasrec is missing)
 # and a synthetic 1,000,000-item catalogue; about 5 minutes on 2 cores.
