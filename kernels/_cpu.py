@@ -10,8 +10,8 @@ renamed into place, so an interrupted build never leaves a file that looks compl
 No compiler, or a failed build, makes ``cpu_kernels`` return None with the reason in ``cpu_unavailable_reason``:
 ``auto`` then keeps the torch path, and ``backend="cpu"`` is refused with that reason.
 
-The kernels take fp32 contiguous tensors through ctypes, which releases the GIL during the call; ``run_rows``
-splits the batch rows over ``torch.get_num_threads()`` Python threads so that every core works.
+The kernels take fp32 contiguous tensors through ctypes, which releases the GIL during the call; ``row_ranges`` and
+``run_ranges`` split the batch rows over ``torch.get_num_threads()`` Python threads so that every core works.
 """
 
 from __future__ import annotations

@@ -170,8 +170,7 @@ class _FusedCpuSSD(torch.autograd.Function):
         dA_parts = A.new_zeros(len(ranges), heads)  # one ∂A accumulator per thread, summed below
         dB, dC = torch.zeros_like(B), torch.zeros_like(C)
         dh0 = torch.empty_like(h0) if h0 is not None and ctx.needs_input_grad[5] else None
-        gy = gy.float().contiguous() if gy is not None else torch.zeros_like(x)
-        gfinal = gfinal.float().contiguous() if gfinal is not None else None
+        gy, gfinal = gy.float().contiguous(), gfinal.float().contiguous()  # zeros for an unused output
         ptrs = [t.data_ptr() if t is not None else None for t in (x, delta, A, B, C, h0, gy, gfinal, dx, ddelta)]
         run_ranges("ssd_backward", ranges, lambda i, b0, b1: cpu_kernels().ssd_backward(
             *ptrs, dA_parts[i].data_ptr(), dB.data_ptr(), dC.data_ptr(), dh0.data_ptr() if dh0 is not None else None,
