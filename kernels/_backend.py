@@ -10,6 +10,7 @@ which is how their parity tests run on machines without a GPU.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -58,3 +59,20 @@ def resolve_backend(backend: str, *tensors: torch.Tensor, has_triton: bool = Fal
         if not on_cuda and not triton_interpreted():
             raise ValueError("backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors")
     return backend
+
+
+def fp32_under_autocast(fn):
+    """Run a kernel with autocast switched off: its internal matmuls and reductions stay in fp32 (model-specs §3a
+    pitfall: scan and exp in fp32) when a model trains under ``torch.autocast`` (``precision=bf16``), which would
+    otherwise run them in bf16. Inputs keep their dtypes; each kernel casts to fp32 itself and returns its
+    documented dtype."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with contextlib.ExitStack() as stack:
+            for device_type in ("cpu", "cuda"):
+                if torch.is_autocast_enabled(device_type):
+                    stack.enter_context(torch.autocast(device_type, enabled=False))
+            return fn(*args, **kwargs)
+
+    return wrapper

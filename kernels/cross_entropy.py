@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels._backend import resolve_backend
+from kernels._backend import fp32_under_autocast, resolve_backend
 
 DEFAULT_CHUNK = 2048
 
@@ -67,6 +67,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         return grad_h.to(hidden.dtype), grad_w, None, None
 
 
+@fp32_under_autocast
 def linear_cross_entropy(
     hidden: torch.Tensor,
     item_table: torch.Tensor,

@@ -37,7 +37,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kernels._backend import resolve_backend
+from kernels._backend import fp32_under_autocast, resolve_backend
 from kernels._cpu import cpu_kernels, row_ranges, run_ranges
 
 LOG2E = math.log2(math.e)
@@ -275,6 +275,7 @@ class _FusedCpuScan(torch.autograd.Function):
         return ddt, du, dA_parts.sum(0), dB, dC
 
 
+@fp32_under_autocast
 def selective_scan(
     u: torch.Tensor,
     delta: torch.Tensor,

@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels._backend import resolve_backend
+from kernels._backend import fp32_under_autocast, resolve_backend
 from kernels._cpu import cpu_kernels, row_ranges, run_ranges
 
 DEFAULT_CHUNK = 32  # TiM4Rec's chunk; on the CPU at B=256, L=200 Q=16 and 32 are within ~10-25%, 64 is ~2x slower
@@ -198,6 +198,7 @@ def _check_shapes(x, dt, A, B, C, D, dt_bias, dt_scale, initial_state, pad_mask)
             raise ValueError(f"{name} must be {shape}, got {tuple(t.shape)}")
 
 
+@fp32_under_autocast
 def ssd(
     x: torch.Tensor,
     dt: torch.Tensor,

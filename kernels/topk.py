@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from kernels._backend import resolve_backend
+from kernels._backend import fp32_under_autocast, resolve_backend
 
 DEFAULT_CHUNK = 65536
 
@@ -46,6 +46,7 @@ def _mask(scores: torch.Tensor, rows, cols, start: int, stop: int) -> torch.Tens
 
 
 @torch.no_grad()
+@fp32_under_autocast
 def topk_scores(
     queries: torch.Tensor,
     item_table: torch.Tensor,

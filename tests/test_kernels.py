@@ -74,3 +74,28 @@ def test_attention_is_finite_on_fully_padded_rows_and_matches_reference():
 def test_unknown_backend_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown backend"):
         linear_cross_entropy(torch.randn(2, 3), torch.randn(4, 3), torch.tensor([1, 2]), backend="cuda-magic")
+
+
+def test_kernels_compute_in_fp32_under_bf16_autocast():
+    """A model training under torch.autocast(bfloat16) calls the kernels inside it: their internal matmuls must not
+    drop to bf16, so fp32 inputs give exactly the result they give without autocast."""
+    from kernels import selective_scan, ssd
+
+    torch.manual_seed(2)
+    u, delta = torch.randn(2, 30, 6), torch.randn(2, 30, 6)
+    A, B, C = -torch.rand(6, 4) - 0.1, torch.randn(2, 30, 4), torch.randn(2, 30, 4)
+    x, dt, a_heads = torch.randn(2, 30, 2, 3), torch.randn(2, 30, 2), -torch.rand(2) - 0.1
+    hidden, table, targets = torch.randn(16, 8), torch.randn(300, 8), torch.randint(1, 300, (16,))
+    calls = {
+        "selective_scan torch": lambda: selective_scan(u, delta, A, B, C, backend="torch"),
+        "selective_scan auto": lambda: selective_scan(u, delta, A, B, C),
+        "ssd torch": lambda: ssd(x, dt, a_heads, B[:, :, None], C[:, :, None], chunk_size=8, backend="torch"),
+        "linear_cross_entropy": lambda: linear_cross_entropy(hidden, table, targets, chunk_size=64),
+        "topk_scores": lambda: topk_scores(hidden, table, 5, chunk_size=64)[0],
+    }
+    for name, call in calls.items():
+        plain = call()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            under = call()
+        assert under.dtype == plain.dtype == torch.float32, name
+        assert torch.equal(under, plain), name

@@ -89,6 +89,35 @@ def test_valid_users_validates_every_epoch_on_one_seeded_sample_and_max_k_limits
         TrainConfig(max_k=5)  # below the selection metric's cutoff
 
 
+@pytest.mark.parametrize("model_name", ["sasrec", "mamba4rec"])
+def test_bf16_precision_trains_under_autocast_with_fp32_weights(tmp_path, model_name, monkeypatch):
+    """precision=bf16: every training forward runs under bf16 autocast (the model's linear layers emit bf16) while
+    the weights stay fp32; the run learns about as well as in fp32 on the toy data."""
+    split, num_items = toy_split()
+    seen = []
+
+    def run(precision):
+        torch.manual_seed(0)
+        model = build_model(model_name, num_items, MODEL)
+        linear = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
+        linear.register_forward_hook(lambda module, args, out: seen.append((precision, out.dtype)) if
+                                     module.training else None)
+        config = TrainConfig(epochs=4, batch_size=16, lr=3e-3, seed=0, patience=100, precision=precision)
+        result = Trainer(config, checkpoint_dir=tmp_path / precision, progress=False).fit(
+            model, split, num_items, exclude_seen=True, fingerprint=precision)
+        return model, result
+
+    model, bf16 = run("bf16")
+    _, fp32 = run("fp32")
+    assert {dtype for precision, dtype in seen if precision == "bf16"} == {torch.bfloat16}
+    assert {dtype for precision, dtype in seen if precision == "fp32"} == {torch.float32}
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    losses = [h["loss"] for h in bf16.history]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+    assert losses != [h["loss"] for h in fp32.history]  # autocast really changed the arithmetic
+    assert abs(losses[-1] - fp32.history[-1]["loss"]) < 0.05 * fp32.history[-1]["loss"]
+
+
 def test_eval_set_sample_is_fixed_by_its_seed_and_keeps_the_order():
     valid = toy_split()[0].valid
     a, again, other = valid.sample(5, 0), valid.sample(5, 0), valid.sample(5, 1)
