@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kernels._cpu import cpu_kernels
 from recsys.batching import pad_histories
 from recsys.bundle import load_bundle
 from serving.index import ItemIndex, build_index, load_index, save_index
@@ -294,6 +295,7 @@ def load_served_model(source: str, settings: ServiceSettings) -> ServedModel:
     weights_hash = _file_sha256(bundle_dir / "weights.safetensors")
     version = version or weights_hash[:12]
     model = bundle.model
+    cpu_kernels()  # build (or load) the fused CPU kernels now, not on the first request a Mamba model serves
     with torch.no_grad():
         similar = model.similar_item_vectors()[1:].float().cpu().numpy()
         table = None if model.generative else model.item_embeddings()[1:].float().cpu().numpy()
