@@ -5,7 +5,8 @@ reassociation that lets the loops over the state vectorise, into a shared librar
 ``$RECSYS_KERNEL_CACHE`` (default ``~/.cache/recsys/kernels``). The file name hashes the sources, the flags, the
 compiler's version and this CPU's feature flags, so a changed source or another CPU builds afresh and a library
 built with ``-march=native`` elsewhere is never loaded here. The library is written to a temporary name and
-renamed into place, so an interrupted build never leaves a file that looks complete.
+renamed into place (``pipelines.atomic.atomic_file``), so an interrupted build never leaves a file that looks
+complete.
 
 No compiler, or a failed build, makes ``cpu_kernels`` return None with the reason in ``cpu_unavailable_reason``:
 ``auto`` then keeps the torch path, and ``backend="cpu"`` is refused with that reason.
@@ -21,11 +22,12 @@ import functools
 import hashlib
 import os
 import subprocess
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+
+from pipelines.atomic import atomic_file
 
 HERE = Path(__file__).parent
 SOURCES = [HERE / "_cpu_selective_scan.c", HERE / "_cpu_ssd.c"]
@@ -66,17 +68,10 @@ def _build(compiler: str) -> Path:
     lib = _cache_dir() / f"recsys-cpu-kernels-{key}.so"
     if lib.exists():
         return lib
-    lib.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so.partial", dir=lib.parent)
-    os.close(fd)
-    try:
-        done = subprocess.run([compiler, *FLAGS, *map(str, SOURCES), "-o", tmp], capture_output=True, text=True)
+    with atomic_file(lib) as tmp:
+        done = subprocess.run([compiler, *FLAGS, *map(str, SOURCES), "-o", str(tmp)], capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"{compiler} failed on {HERE}/_cpu_*.c: {done.stderr.strip()[-2000:]}")
-        os.replace(tmp, lib)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return lib
 
 

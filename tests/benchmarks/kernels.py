@@ -31,6 +31,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+from pipelines.atomic import atomic_write_bytes  # noqa: E402
+
 
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -202,8 +204,7 @@ def main() -> None:
                           "time_ratio": fast["seconds"] / plain["seconds"],
                           "memory_ratio": plain["peak_extra_gb"] / max(fast["peak_extra_gb"], 1e-3)}
     result["machine"] = {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_bytes(out, (json.dumps(result, indent=2) + "\n").encode())
     print(json.dumps(result, indent=2))
 
 

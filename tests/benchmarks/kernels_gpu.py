@@ -36,6 +36,8 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+from pipelines.atomic import atomic_write_bytes  # noqa: E402
+
 FP32 = 4
 
 
@@ -221,8 +223,7 @@ def main() -> None:
         "linear_cross_entropy": attempt(case_linear_ce, timer, bandwidth, rate, *ce_shape),
     }
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_bytes(out, (json.dumps(result, indent=2) + "\n").encode())
     print(json.dumps(result, indent=2))
 
 

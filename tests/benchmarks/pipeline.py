@@ -23,6 +23,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+from pipelines.atomic import atomic_write_bytes  # noqa: E402
+
 BEAUTY = REPO.parent / "shared" / "data" / "amazon-beauty"
 
 CHILD = """
@@ -93,8 +95,7 @@ def main() -> None:
                                                                                               args.users)}
     result["machine"] = {"cpus": __import__("os").cpu_count(), "python": sys.version.split()[0]}
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_bytes(out, (json.dumps(result, indent=2) + "\n").encode())
     print(json.dumps(result, indent=2))
 
 

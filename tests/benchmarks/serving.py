@@ -36,6 +36,8 @@ sys.path.insert(0, str(REPO))
 
 import httpx  # noqa: E402
 
+from pipelines.atomic import atomic_write_bytes  # noqa: E402
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -285,8 +287,7 @@ def main() -> None:
               "beauty_sasrec": bench_beauty(beauty_bundle(args.bundle), args, cache)}
     if not args.skip_large:
         result["synthetic_1m"] = bench_large(args, cache)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    atomic_write_bytes(args.out, (json.dumps(result, indent=2) + "\n").encode())
     print(json.dumps(result, indent=2))
 
 
