@@ -67,5 +67,6 @@ def cpu_kernel_missing() -> str | None:
 
 
 # Kernel backends that run on CPU tensors besides the reference; ``cpu`` skips (with the reason) without a compiler.
-CPU = pytest.param("cpu", marks=pytest.mark.skipif(cpu_kernel_missing() is not None, reason=str(cpu_kernel_missing())))
+_CPU_MISSING = cpu_kernel_missing()
+CPU = pytest.param("cpu", marks=pytest.mark.skipif(_CPU_MISSING is not None, reason=str(_CPU_MISSING)))
 FAST = ["torch", CPU]

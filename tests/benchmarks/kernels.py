@@ -174,16 +174,13 @@ def main() -> None:
     out = Path(args.out)
     run = set(args.only or CASES)
     result: dict = json.loads(out.read_text()) if args.only and out.exists() else {}
-    if "selective_scan" in run:
-        fused, fast, ref = (child("selective_scan", b, r) for b in ("cpu", "torch", "reference"))
-        result["selective_scan"] = {"shape": "B=256 L=200 d_inner=128 N=16, fwd+bwd", "cpu": fused, "torch": fast,
-                                    "reference": ref, "speedup_cpu": ref["seconds"] / fused["seconds"],
-                                    "speedup_torch": ref["seconds"] / fast["seconds"], "target_speedup": 10}
-    if "ssd" in run:
-        fused, fast, ref = (child("ssd", b, r) for b in ("cpu", "torch", "reference"))
-        result["ssd"] = {"shape": "B=256 L=200 heads=8 head_dim=16 N=16 groups=1, fwd+bwd", "cpu": fused,
-                         "torch": fast, "reference": ref, "speedup_cpu": ref["seconds"] / fused["seconds"],
-                         "speedup_torch": ref["seconds"] / fast["seconds"], "target_speedup": 5}
+    for case, shape, target in (("selective_scan", "B=256 L=200 d_inner=128 N=16, fwd+bwd", 10),
+                                ("ssd", "B=256 L=200 heads=8 head_dim=16 N=16 groups=1, fwd+bwd", 5)):
+        if case in run:
+            timed = {b: child(case, b, r) for b in ("cpu", "torch", "reference")}
+            result[case] = {"shape": shape, **timed, "target_speedup": target,
+                            **{f"speedup_{b}": timed["reference"]["seconds"] / timed[b]["seconds"]
+                               for b in ("cpu", "torch")}}
     if "linear_ce" in run:
         small_fast, small_plain = child("linear_ce", "torch", r, 1024), child("linear_ce", "plain", r, 1024)
         big_fast = child("linear_ce", "torch", 1, 8192)
