@@ -83,14 +83,7 @@ from kernels import causal_conv1d, ssd
 from recsys.batching import LastPositionTrainBatches, SequenceBatch
 from recsys.losses import build_loss, last_position_loss
 from recsys.models.base import ModelConfig, SequentialModel, register
-
-Backend = Literal["auto", "reference", "torch", "triton", "cpu"]
-
-
-def _conv_backend(backend: str) -> str:
-    """The causal convolution has no Triton or fused CPU kernel: ``triton``, ``cpu`` and ``auto`` run its torch
-    path."""
-    return backend if backend in ("reference", "torch") else "auto"
+from recsys.models.mamba4rec import Backend, conv_backend
 
 
 class TiM4RecConfig(ModelConfig):
@@ -177,7 +170,7 @@ class TimePath(nn.Module):
     def __init__(self, config: TiM4RecConfig, last: bool):
         super().__init__()
         length, heads, k = config.max_len, config.num_heads, config.d_conv
-        self.backend = _conv_backend(config.backend)
+        self.backend = conv_backend(config.backend)
         self.dropout = nn.Dropout(config.time_dropout)
         self.w_a = nn.Linear(length, length)
         self.w_b = nn.Linear(length, length)
@@ -265,7 +258,7 @@ class SSDBlock(nn.Module):
         z, xbc, dt = self.in_proj(u).split([self.d_inner, self.d_inner + 2 * gn, self.heads], dim=-1)
         xbc = xbc.masked_fill(~pad_mask[..., None], 0.0)
         xbc = causal_conv1d(xbc, self.conv1d.weight[:, 0], self.conv1d.bias, activation="silu",
-                            backend=_conv_backend(self.backend))
+                            backend=conv_backend(self.backend))
         x, B, C = xbc.split([self.d_inner, gn, gn], dim=-1)
         y = ssd(
             x.reshape(b, length, self.heads, self.head_dim), dt, -torch.exp(self.A_log.float()),
