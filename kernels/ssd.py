@@ -19,7 +19,8 @@ Backends:
 - ``reference``: the recurrence above as a Python loop over time (the readable specification).
 - ``torch``: the chunked algorithm of §3b (Listing 1): end-pad to a multiple of Q, intra-chunk masked matmul with
   the stable segsum, chunk-end states, state passing with a segsum over chunks (the initial state is the chunk "−1"
-  state), state → output. Pure torch ops; autograd gives the backward.
+  state), state → output. Pure torch ops; autograd gives the backward. A large batch runs in cache-sized slices of
+  rows (``_chunked_by_rows``).
 - ``triton``: one Triton program per (batch, head) walks the chunks in order, keeping the (head_dim, N) state in
   registers; inside a chunk it does the same intra-chunk / state→output / chunk-state matmuls. Backward recomputes
   through the torch chunked path inside a custom ``autograd.Function`` (no Triton backward kernel).
@@ -39,6 +40,7 @@ from kernels._backend import fp32_under_autocast, resolve_backend
 from kernels._cpu import cpu_kernels, row_ranges, run_ranges
 
 DEFAULT_CHUNK = 32  # TiM4Rec's chunk; on the CPU at B=256, L=200 Q=16 and 32 are within ~10-25%, 64 is ~2x slower
+SLICE_ELEMENTS = 1 << 20  # the torch path's largest per-slice intermediate (fp32 elements), cache-sized
 
 
 def segsum(a: torch.Tensor) -> torch.Tensor:
@@ -114,6 +116,26 @@ def _chunked_core(x, delta, A, B, C, h0, chunk_size):
     # 7. combine, back to (b, l, h, p), crop the end padding
     y = (y_diag + y_off).view(b, g, r, c * q, p)[:, :, :, :length].permute(0, 3, 1, 2, 4).reshape(b, length, heads, p)
     return y, final.reshape(b, heads, p, n)
+
+
+def _chunked_by_rows(x, delta, A, B, C, h0, chunk_size):
+    """``_chunked_core`` over slices of batch rows, each sized so that its largest intermediates (the chunked x and
+    the (Q, Q) decay masks, ~length·heads·max(head_dim, Q) elements a row) stay near SLICE_ELEMENTS. Rows are
+    independent, so this is exact; autograd then also runs the backward slice by slice. Why: over a whole training
+    batch every one of the ~30 elementwise and matmul passes (forward and backward) streams its operands from
+    memory; a cache-sized slice keeps them in cache (measured on this CPU, one thread, B=256, L=200, 8 heads × 16,
+    N=16, fwd+bwd: 0.53 s in one piece, 0.29 s in 32-row slices)."""
+    b, length, heads, p = x.shape
+    q = max(1, min(chunk_size, length))
+    per_row = max(1, -(-length // q) * q * heads * max(p, q))
+    rows = max(1, SLICE_ELEMENTS // per_row)
+    if rows >= b:
+        return _chunked_core(x, delta, A, B, C, h0, chunk_size)
+    h0_parts = h0.split(rows) if h0 is not None else [None] * -(-b // rows)
+    parts = [_chunked_core(*inputs, h0_r, chunk_size)
+             for *inputs, h0_r in zip(x.split(rows), delta.split(rows), [A] * len(h0_parts), B.split(rows),
+                                      C.split(rows), h0_parts)]
+    return torch.cat([y for y, _ in parts]), torch.cat([final for _, final in parts])
 
 
 class _TritonSSD(torch.autograd.Function):
@@ -254,7 +276,7 @@ def ssd(
         y, final = _TritonSSD.apply(xf.contiguous(), delta.contiguous(), Af.contiguous(), Bf.contiguous(),
                                     Cf.contiguous(), h0.contiguous() if h0 is not None else None, int(chunk_size))
     else:
-        y, final = _chunked_core(xf, delta, Af, Bf, Cf, h0, int(chunk_size))
+        y, final = _chunked_by_rows(xf, delta, Af, Bf, Cf, h0, int(chunk_size))
     if D is not None:
         y = y + D.float()[:, None] * xf
     if pad_mask is not None:

@@ -8,6 +8,8 @@ reference on the same (bf16-rounded) inputs (the output itself is rounded to bf1
 Triton tests run with `TRITON_INTERPRET=1 .venv/bin/python -m pytest -m triton tests/test_kernel_ssd.py`.
 """
 
+import importlib
+
 import pytest
 import torch
 
@@ -151,6 +153,20 @@ def test_left_padded_batch_with_pad_mask(backend, length, chunk_size):
         assert (y[~mask] == 0).all()  # output 0 at pads
         for k in ("x", "dt", "dt_scale"):
             assert (grads[k][~mask] == 0).all(), k  # nothing at a pad influences anything
+
+
+def test_a_batch_too_large_for_the_cache_runs_in_row_slices(monkeypatch):
+    """The torch path takes rows in slices of SLICE_ELEMENTS / (padded length·heads·max(head_dim, Q)); the result is
+    the same, gradients of the shared A, D and dt_bias and of the per-row initial state included."""
+    module = importlib.import_module("kernels.ssd")
+    monkeypatch.setattr(module, "SLICE_ELEMENTS", 2 * 32 * 4 * 16)  # length 23 → 2 chunks of 16: 2 rows a slice
+    slices = []
+    core = module._chunked_core
+    monkeypatch.setattr(module, "_chunked_core", lambda x, *args: slices.append(len(x)) or core(x, *args))
+    inputs = make_inputs(batch=5, length=23, groups=2, seed=17)
+    mask = left_pad_mask([23, 10, 1, 23, 5], 23)
+    assert_parity(run(inputs, "torch", pad_mask=mask), run(inputs, "reference", pad_mask=mask))
+    assert slices == [2, 2, 1]
 
 
 @pytest.mark.parametrize("backend,softplus,tol", [("reference", False, 0.0), ("reference", True, 1e-6),
