@@ -115,7 +115,11 @@ def train_run(
                     "split": split.kind},
         "exclude_seen": exclude_seen,
     }
-    key = fingerprint(model_name, model.config.model_dump(mode="json"), run_config)
+    # max_minutes decides only where training stops, never what an epoch computes, so it is left out of the
+    # fingerprint: a run stopped by its time budget resumes under a larger one
+    resumable = {**run_config, "train_config": {k: v for k, v in run_config["train_config"].items()
+                                                if k != "max_minutes"}}
+    key = fingerprint(model_name, model.config.model_dump(mode="json"), resumable)
     tracker = None
     if track:
         from recsys.tracking import Tracker
@@ -175,7 +179,12 @@ def train_run(
                 tracker.log_metrics(figures, prefix=f"{section}_")
             version = tracker.log_bundle(out_dir, model_name)
         status = "FINISHED"
-        trainer.remove_checkpoint()
+        if result.stopped_because == "time budget":
+            print(f"stopped by max_minutes after epoch {result.history[-1]['epoch']} of {train_config.epochs}; "
+                  "the checkpoint is kept: --resume with a larger max_minutes continues the same schedule",
+                  file=sys.stderr)
+        else:
+            trainer.remove_checkpoint()  # a finished run needs no resume point
         return RunResult(out_dir, metrics, version, tracker.run_id if tracker else None)
     finally:
         if tracker:

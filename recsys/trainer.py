@@ -47,7 +47,10 @@ class TrainConfig(BaseModel):
     grad_clip: float | None = 5.0
     patience: int = 10
     eval_batch_size: int = 512
-    max_minutes: float | None = None  # wall-clock training budget; stops after the epoch that crosses it
+    # Wall-clock training budget of the whole run (a resumed run counts its earlier epochs): training stops after
+    # the epoch that crosses it. The run's checkpoint is then kept, and ``--resume`` with a larger budget continues
+    # the same schedule (recsys.run leaves max_minutes out of the run's fingerprint for that).
+    max_minutes: float | None = Field(None, gt=0)
     exclude_seen: bool | None = None  # None: the dataset's default (on unless users repeat items)
     seed: int = 42
     device: str = "auto"

@@ -67,6 +67,23 @@ def test_max_k_bundle_evaluates_to_its_logged_cutoffs(small_dataset, tmp_path, c
     assert json.loads(capsys.readouterr().out) == metrics["test"]
 
 
+def test_a_run_stopped_by_its_time_budget_keeps_its_checkpoint_and_resumes_under_a_larger_one(
+        small_dataset, tmp_path, capsys):
+    out, checkpoint = tmp_path / "bundle", tmp_path / "bundle.checkpoints" / "last.pt"
+    train = ["train", "--model", "sasrec", "--dataset", str(small_dataset), "--epochs", "3", "--out", str(out),
+             "--set", "hidden_size=16", "--no-track", "--no-progress"]
+    assert main([*train, "--set", "max_minutes=1e-9"]) == 0  # the budget is spent by the first epoch
+    assert "checkpoint is kept" in capsys.readouterr().err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["stopped_because"] == "time budget" and metrics["epochs"] == 1
+    assert checkpoint.exists()
+    assert main([*train, "--resume"]) == 0  # no budget now: max_minutes is not part of the run's fingerprint
+    assert "resumed from" in capsys.readouterr().err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["stopped_because"] == "max epochs" and [h["epoch"] for h in metrics["history"]] == [1, 2, 3]
+    assert not checkpoint.exists()
+
+
 def test_report_writes_table_csv_figure_and_sets_champion(small_dataset, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code = main(["report", "--dataset", str(small_dataset), "--models", "pop", "sasrec", "--epochs", "3",

@@ -50,6 +50,17 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
         assert torch.equal(value, resumed_model.state_dict()[key]), key
 
 
+def test_run_stopped_by_its_time_budget_resumes_to_the_uninterrupted_result(tmp_path):
+    full_model, full = _train(tmp_path, epochs=3, name="full")
+    _, stopped = _train(tmp_path, epochs=3, name="budget", max_minutes=1e-9)  # spent by the first epoch
+    assert stopped.stopped_because == "time budget" and [h["epoch"] for h in stopped.history] == [1]
+    resumed_model, resumed = _train(tmp_path, epochs=3, name="budget", resume=True)
+    assert resumed.stopped_because == "max epochs"
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
+    for key, value in full_model.state_dict().items():
+        assert torch.equal(value, resumed_model.state_dict()[key]), key
+
+
 def test_same_seed_same_weights_other_seed_differs(tmp_path):
     a, _ = _train(tmp_path, epochs=1, name="x", seed=1)
     b, _ = _train(tmp_path, epochs=1, name="y", seed=1)
