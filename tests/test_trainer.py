@@ -101,7 +101,7 @@ def test_valid_users_validates_every_epoch_on_one_seeded_sample_and_max_k_limits
 
 
 @pytest.mark.parametrize("model_name", ["sasrec", "mamba4rec"])
-def test_bf16_precision_trains_under_autocast_with_fp32_weights(tmp_path, model_name, monkeypatch):
+def test_bf16_precision_trains_under_autocast_with_fp32_weights(tmp_path, model_name):
     """precision=bf16: every training forward runs under bf16 autocast (the model's linear layers emit bf16) while
     the weights stay fp32; the run learns about as well as in fp32 on the toy data."""
     split, num_items = toy_split()
