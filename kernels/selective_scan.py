@@ -12,18 +12,15 @@ on the state: Δ is forced to 0 there, so Ā = exp(0) = 1 and the input term Δ�
 
 Backends:
 - ``reference``: the plain loop over time under autograd, the readable specification.
-- ``torch``: a chunked scan with a hand-written backward (custom autograd). Time is cut into chunks of T steps
-  that are processed side by side: one loop over the T positions runs every chunk from a zero state, a loop over
-  the chunks carries the state across their boundaries (H_{c+1} = Π Ā over chunk c ⊙ H_c + local end state of c),
-  and a second loop over the positions reruns every chunk from its true entering state and emits y. It uses only
-  products of Ā ≤ 1, so it cannot overflow however large Δ gets. The backward pass is the same scan run in reverse
-  for ∂L/∂h_t = C_t gy_t + Ā_{t+1} ⊙ ∂L/∂h_{t+1}; the states it needs are recomputed segment by segment from
-  checkpoints the forward pass kept every ``SEGMENT`` positions, so memory stays O(L/SEGMENT) states, never the
-  (batch, length, d_inner, N) tensor that autograd through the loop would keep.
-  ``chunk_size=None`` picks the number of chunks so that one step's (batch, chunks, d_inner, N) tensor stays near
-  ``STEP_ELEMENTS`` (cache-sized): many chunks for a single user's request, one chunk for a training batch whose
-  per-step tensor already fills both cores. Measured on this 2-core CPU at B=256, L=200, d_inner=128, N=16:
-  16-step chunks were 2× slower than one chunk, because every extra chunk adds memory traffic, not parallelism.
+- ``torch``: a chunked scan with a hand-written backward (custom autograd). Time is cut into chunks of T positions
+  (``chunk_size``, default 8); one chunk is a single compiled step (``torch.compile``: Inductor unrolls its T
+  positions into one loop nest that keeps each channel's (N,) state in registers), and a Python loop over the
+  chunks carries the (batch, d_inner, N) state across their boundaries, so the state goes through memory once per
+  chunk rather than several times per position. It uses only products of Ā ≤ 1, so it cannot overflow however
+  large Δ gets. The backward pass runs chunk by chunk from the last: it recomputes the chunk's states from the
+  state that entered it (kept by the forward pass: O(L/T) states, never the (batch, length, d_inner, N) tensor
+  that autograd through the loop would keep) and runs the reverse scan ∂L/∂h_t = C_t gy_t + Ā_{t+1} ⊙ ∂L/∂h_{t+1}
+  inside the same compiled step. Where torch.compile is unavailable (no C++ compiler) the same code runs eagerly.
 - ``triton``: a Triton forward kernel (kernels/_triton_selective_scan.py) with the ``torch`` backward.
 - ``cpu``: fused C loops (kernels/_cpu_selective_scan.c) for forward and backward, with one batch row's
   (d_inner, N) state in cache for the whole sequence and the rows split over the torch threads. What ``auto`` runs
@@ -32,7 +29,9 @@ Backends:
 
 from __future__ import annotations
 
+import functools
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -41,18 +40,12 @@ from kernels._backend import fp32_under_autocast, resolve_backend
 from kernels._cpu import cpu_kernels, row_ranges, run_ranges
 
 LOG2E = math.log2(math.e)
-SEGMENT = 8  # positions between the backward pass's state checkpoints
-# Target size of one step's state tensor (rows per slice, and the chunk length when chosen automatically): 2^17 fp32
-# = 512 KB, so a segment's decays, states and gradients stay in cache. One thread, fwd+bwd, against 2^19: 0.37 s
-# against 0.48 s at B=256, L=200, d_inner=128, N=16; 0.044 against 0.097 s at B=128, L=50; 0.15 against 0.21 s for
-# SIGMA's 1,024 rows × L 10 × N 32.
+DEFAULT_CHUNK = 8  # positions per compiled step; B=256, L=200, d_inner=128, N=16, fwd+bwd, 2 threads: 0.09 s, against
+# 0.11 s for 4 and 0.125 s for 16 (whose unrolled backward also takes twice as long to compile)
+# Rows per slice: one slice's (rows, d_inner, N) state near 2^17 fp32 = 512 KB, so that the states a compiled step
+# writes and reads back stay in cache. At the sizes above: 64 rows 0.09 s; 16 rows 0.14 s, 32 rows 0.11 s (per-call
+# overhead); 128 rows 0.094 s, 256 rows 0.10 s.
 STEP_ELEMENTS = 1 << 17
-
-
-def auto_chunk_size(batch: int, length: int, d_inner: int, n: int) -> int:
-    """Chunk length T: as many chunks (at most √L) as keep one step's state tensor near STEP_ELEMENTS."""
-    n_chunks = max(1, min(STEP_ELEMENTS // max(1, batch * d_inner * n), math.isqrt(max(1, length))))
-    return max(1, -(-length // n_chunks))
 
 
 def _prepare(u, delta, delta_bias, delta_softplus, pad_mask):
@@ -96,158 +89,140 @@ def _scan_reference(u, dt, A, B, C):
     return torch.stack(ys, dim=1)
 
 
-def _to_chunks(t, chunk, n_chunks):
-    """(batch, length, k) → a (chunk, batch, n_chunks, k) view, end-padded with zeros, so that ``[j]`` is position j
-    of every chunk. A view, not a copy: fresh large buffers cost page faults that take longer than the scan."""
-    batch, length, k = t.shape
-    if n_chunks * chunk != length:
-        t = F.pad(t, (0, 0, 0, n_chunks * chunk - length))
-    return t.reshape(batch, n_chunks, chunk, k).permute(2, 0, 1, 3)
+def _segment_forward(h, dt, u, B, C, A2):
+    """One chunk of T positions from its entering state h (rows, d_inner, N), every other tensor a (rows, T, ·) view:
+    eq. (2a)-(2b) step by step, with A2 = A·log₂e (exp2 is 4× faster than exp on this CPU). Returns y
+    (rows, T, d_inner) and the state leaving the chunk. Compiled (``_fused``), the T steps become one loop nest that
+    keeps each channel's N states in registers, so the state makes one trip through memory per chunk instead of
+    several per position."""
+    ys = []
+    for k in range(dt.shape[1]):
+        x = (dt[:, k] * u[:, k]).unsqueeze(-1)  # Δ_t u_t
+        h = torch.exp2(dt[:, k].unsqueeze(-1) * A2) * h + x * B[:, k].unsqueeze(-2)  # Ā_t ⊙ h + Δ_t B_t u_t
+        ys.append((h * C[:, k].unsqueeze(-2)).sum(-1))
+    return torch.stack(ys, 1), h
 
 
-def _chunked_empty(like, chunk, n_chunks, k):
-    """An output buffer in the (batch, padded length, k) layout and its (chunk, batch, n_chunks, k) view."""
-    out = like.new_empty(like.shape[0], n_chunks * chunk, k)
-    return out, _to_chunks(out, chunk, n_chunks)
+def _segment_backward(h0, dt, u, B, C, gy, carry, A2, A, dA_rows):
+    """Gradients for one chunk (laid out as in ``_segment_forward``), given its entering state h0 and
+    carry = Ā_{t+1} ⊙ ∂L/∂h_{t+1} from the position after it. Recompute the chunk's states, then run the reverse scan
+    g_t = ∂L/∂h_t = gy_t ⊗ C_t + Ā_{t+1} ⊙ g_{t+1}. With x_t = Δ_t u_t and q_t = g_t ⊙ Ā_t ⊙ h_{t−1} (the gradient
+    of Δ_t A through Ā_t = exp(Δ_t A)): ∂x_t = Σ_n g_t B_t, so ∂u_t = ∂x_t Δ_t and ∂Δ_t = Σ_n q_t A + ∂x_t u_t;
+    ∂A = Σ q_t Δ_t, ∂B_t = Σ_d g_t x_t, ∂C_t = Σ_d gy_t h_t. ∂A is accumulated per row into dA_rows
+    (rows, d_inner, N): a sum over rows here would be a strided reduction per step. Returns (∂Δ, ∂u, ∂B, ∂C), the
+    updated dA_rows and the carry into the previous chunk."""
+    steps = dt.shape[1]
+    dt, u, B, C, gy = (t.unbind(1) for t in (dt, u, B, C, gy))
+    h, decays, states = h0, [], []
+    for k in range(steps):
+        decays.append(torch.exp2(dt[k].unsqueeze(-1) * A2))
+        h = decays[k] * h + (dt[k] * u[k]).unsqueeze(-1) * B[k].unsqueeze(-2)
+        states.append(h)
+    ddt, du, dB, dC = ([None] * steps for _ in range(4))
+    for k in range(steps - 1, -1, -1):
+        g = carry + gy[k].unsqueeze(-1) * C[k].unsqueeze(-2)
+        dC[k] = (gy[k].unsqueeze(-1) * states[k]).sum(-2)
+        dx = (g * B[k].unsqueeze(-2)).sum(-1)
+        dB[k] = (g * (dt[k] * u[k]).unsqueeze(-1)).sum(-2)
+        carry = g * decays[k]
+        q = carry * (states[k - 1] if k else h0)
+        ddt[k] = (q * A).sum(-1) + dx * u[k]
+        du[k] = dx * dt[k]
+        dA_rows = dA_rows + q * dt[k].unsqueeze(-1)
+    return *(torch.stack(g, 1) for g in (ddt, du, dB, dC)), dA_rows, carry
 
 
-def _outer(x, b):
-    """(…, d_inner) ⊗ (…, N) → (…, d_inner, N)."""
-    return x.unsqueeze(-1) * b.unsqueeze(-2)
+compile_unavailable_reason: str | None = None  # set when torch.compile failed once; the chunks then run eagerly
 
 
-def _decay(dt, A2):
-    """Ā = exp(Δ ⊗ A) = 2^(Δ ⊗ A·log₂e), (…, d_inner, N); A2 = A·log₂e. exp2 is 4× faster than exp on this CPU
-    (vectorised), and the rescaled exponent costs at most ~4e-6 relative error at exponent −80."""
-    return torch.mul(dt.unsqueeze(-1), A2).exp2_()
+@functools.cache
+def _compiled(fn):
+    # Not fullgraph=True: past dynamo's recompile limit (8 shapes or chunk lengths per function, which only a test
+    # suite reaches) a new shape then runs eagerly instead of raising.
+    return torch.compile(fn)
 
 
-def _entering_states(dtc, xc, Bc, A2):
-    """The state entering each chunk, (batch, n_chunks, d_inner, N): local end states from zero, then carried."""
-    chunk, batch, n_chunks, d_inner = dtc.shape
-    entering = dtc.new_zeros(batch, n_chunks, d_inner, A2.shape[1])
-    if n_chunks == 1:
-        return entering
-    h = _outer(xc[0], Bc[0])
-    for j in range(1, chunk):
-        h = torch.mul(_decay(dtc[j], A2), h).addcmul_(xc[j].unsqueeze(-1), Bc[j].unsqueeze(-2))
-    chunk_decay = _decay(dtc.sum(0), A2)  # Π_j Ā_j over each chunk
-    for c in range(1, n_chunks):
-        entering[:, c] = torch.addcmul(h[:, c - 1], chunk_decay[:, c - 1], entering[:, c - 1])
+def _fused(fn, *args):
+    """fn(*args) through torch.compile (Inductor fuses the chunk's unrolled steps into one loop nest; the first call
+    for a new shape compiles, in seconds), or eagerly, with one warning, where compilation fails (no C++ compiler,
+    an unsupported platform). The eager run is the same code, so the results agree to fp32 rounding."""
+    global compile_unavailable_reason
+    if compile_unavailable_reason is None:
+        try:
+            return _compiled(fn)(*args)
+        except Exception as exc:  # noqa: BLE001 - any compiler failure; a real error re-raises from the eager run
+            compile_unavailable_reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            warnings.warn(f"selective_scan: torch.compile is unavailable ({compile_unavailable_reason}); the torch "
+                          "path runs its chunks eagerly, several times slower", stacklevel=3)
+    return fn(*args)
+
+
+def _end_padded(t, padded_len):
+    """t (batch, length, k) with zeros appended up to ``padded_len`` positions (a copy only when it must grow): Δ = 0
+    and u = 0 there, so the padded positions leave the state untouched and get no gradient."""
+    return F.pad(t, (0, 0, 0, padded_len - t.shape[1])) if padded_len > t.shape[1] else t
+
+
+def _scan_chunks(dt, u, B, C, A2, chunk, y=None):
+    """Forward over end-padded (rows, padded length, ·) inputs, chunk by chunk: each chunk's entering state, and y
+    written into ``y`` (rows, length, d_inner) when given."""
+    h = dt.new_zeros(dt.shape[0], dt.shape[2], A2.shape[1])
+    entering = []
+    for lo in range(0, dt.shape[1], chunk):
+        entering.append(h)
+        y_chunk, h = _fused(_segment_forward, h, *(t[:, lo : lo + chunk] for t in (dt, u, B, C)), A2)
+        if y is not None:
+            y[:, lo : lo + chunk] = y_chunk[:, : y.shape[1] - lo]
     return entering
 
 
-def _exit_grads(dtc, gyc, Cc, A2):
-    """∂L/∂h at each chunk's last position coming from the later chunks (through the next chunk's first Ā)."""
-    chunk, batch, n_chunks, d_inner = dtc.shape
-    if n_chunks == 1:
-        return None
-    g = _outer(gyc[chunk - 1], Cc[chunk - 1])
-    for j in range(chunk - 2, -1, -1):
-        g = torch.addcmul(_outer(gyc[j], Cc[j]), _decay(dtc[j + 1], A2), g)
-    first_decay = _decay(dtc[0], A2)
-    rest_decay = _decay(dtc[1:].sum(0), A2)  # Π Ā over positions 1..T−1 of each chunk
-    exit_grads = torch.zeros_like(g)
-    for c in range(n_chunks - 2, -1, -1):
-        later = torch.addcmul(g[:, c + 1], rest_decay[:, c + 1], exit_grads[:, c + 1])  # ∂L/∂h at chunk c+1's start
-        exit_grads[:, c] = first_decay[:, c + 1] * later
-    return exit_grads
-
-
-def _segment_states(states, decays, h, xc, Bc):
-    """Run one segment from state h: states[k] = Ā_k ⊙ states[k−1] + x_k ⊗ B_k, written into the given buffer."""
-    for k in range(decays.shape[0]):
-        h = torch.mul(decays[k], h, out=states[k]).addcmul_(xc[k].unsqueeze(-1), Bc[k].unsqueeze(-2))
-    return h
-
-
-def _chunked_forward(dt, x, A, B, C, chunk):
-    """y (batch, length, d_inner) and the state checkpoints at the start of every SEGMENT positions
-    (n_segments, batch, chunks, d_inner, N). x = Δ·u. One segment's decays and states live in buffers reused from
-    segment to segment, and everything but the recurrence itself runs once per segment."""
-    batch, length, d_inner = x.shape
-    n_chunks = -(-length // chunk)
-    dtc, xc, Bc, Cc = (_to_chunks(t, chunk, n_chunks) for t in (dt, x, B, C))
-    A2 = A * LOG2E
-    h = _entering_states(dtc, xc, Bc, A2)
-    y, yc = _chunked_empty(x, chunk, n_chunks, d_inner)
-    n_segments = -(-chunk // SEGMENT)
-    checkpoints = h.new_empty(n_segments, *h.shape)
-    decays, states = (h.new_empty(min(SEGMENT, chunk), *h.shape) for _ in range(2))
-    for seg in range(n_segments):
-        lo, hi = seg * SEGMENT, min(chunk, (seg + 1) * SEGMENT)
-        checkpoints[seg] = h
-        dec = torch.mul(dtc[lo:hi].unsqueeze(-1), A2, out=decays[: hi - lo]).exp2_()
-        h = _segment_states(states[: hi - lo], dec, h, xc[lo:hi], Bc[lo:hi])
-        # y_t = C_t · h_t as (1, N) @ (N, d), the fast BLAS layout
-        yc[lo:hi] = (Cc[lo:hi].unsqueeze(-2) @ states[: hi - lo].transpose(-1, -2)).squeeze(-2)
-    return y[:, :length], checkpoints
-
-
-def _chunked_backward(dt, x, A, B, C, checkpoints, chunk, gy):
-    """Gradients of (dt, x, A, B, C) by the reverse scan g_t = ∂L/∂h_t = gy_t C_t + Ā_{t+1} ⊙ g_{t+1}; with
-    q_t = g_t ⊙ Ā_t ⊙ h_{t−1} (the gradient of Δ_t A through Ā_t = exp(Δ_t A)): ∂Δ_t = Σ_n q_t A, ∂A = Σ q_t Δ_t,
-    ∂x_t = Σ_n g_t B_t, ∂B_t = Σ_d g_t x_t, ∂C_t = Σ_d gy_t h_t. Segment by segment from the last: recompute the
-    segment's states from its checkpoint, run g backwards through it, then take every reduction for the segment at
-    once."""
-    batch, length, d_inner = x.shape
-    n_chunks = -(-length // chunk)
-    dtc, xc, Bc, Cc, gyc = (_to_chunks(t, chunk, n_chunks) for t in (dt, x, B, C, gy))
-    A2 = A * LOG2E
-    exit_grads = _exit_grads(dtc, gyc, Cc, A2)
-    (ddt_out, ddt), (dx_out, dx) = (_chunked_empty(x, chunk, n_chunks, d_inner) for _ in range(2))
-    (dB_out, dB), (dC_out, dC) = (_chunked_empty(B, chunk, n_chunks, B.shape[-1]) for _ in range(2))
-    size = min(SEGMENT, chunk)
-    decays, grads, q, q_dt = (checkpoints.new_empty(size, *checkpoints.shape[1:]) for _ in range(4))
-    states = checkpoints.new_empty(size + 1, *checkpoints.shape[1:])
-    q_dt.zero_()  # Σ_t q_t Δ_t, summed over segment slots, batch and chunks at the end
-    carry = exit_grads  # Ā_{t+1} ⊙ g_{t+1} flowing into the segment's last position (None: nothing)
-    for seg in range(checkpoints.shape[0] - 1, -1, -1):
-        lo, hi = seg * SEGMENT, min(chunk, (seg + 1) * SEGMENT)
-        n = hi - lo
-        dec = torch.mul(dtc[lo:hi].unsqueeze(-1), A2, out=decays[:n]).exp2_()
-        states[0] = checkpoints[seg]
-        _segment_states(states[1 : n + 1], dec, checkpoints[seg], xc[lo:hi], Bc[lo:hi])
-        for k in range(n - 1, -1, -1):
-            from_y = (gyc[lo + k].unsqueeze(-1), Cc[lo + k].unsqueeze(-2))  # gy_t ⊗ C_t, fused into one pass
-            if carry is None:
-                torch.mul(*from_y, out=grads[k])
-            else:
-                torch.addcmul(carry, *from_y, out=grads[k])
-            carry = torch.mul(grads[k], dec[k], out=q[k])  # Ā_t ⊙ g_t: also the first factor of q_t
-        carry = carry.clone()  # q is overwritten by the next segment
-        g, hs = grads[:n], states[: n + 1]
-        dC[lo:hi] = (gyc[lo:hi].unsqueeze(-2) @ hs[1:]).squeeze(-2)
-        dx[lo:hi] = (Bc[lo:hi].unsqueeze(-2) @ g.transpose(-1, -2)).squeeze(-2)
-        dB[lo:hi] = (xc[lo:hi].unsqueeze(-2) @ g).squeeze(-2)
-        qs = q[:n].mul_(hs[:-1])  # q_t = g_t ⊙ Ā_t ⊙ h_{t−1}
-        q_dt[:n].addcmul_(qs, dtc[lo:hi].unsqueeze(-1))
-        ddt[lo:hi] = qs.mul_(A).sum(-1)  # in place: q is not needed after this
-    return ddt_out[:, :length], dx_out[:, :length], q_dt.sum((0, 1, 2)), dB_out[:, :length], dC_out[:, :length]
-
-
 class _SelectiveScan(torch.autograd.Function):
-    """y = scan(Δ, x = Δ·u, A, B, C). Forward: the chunked torch scan, or the Triton kernel (which keeps no states,
-    so its backward first recomputes the checkpoints). Backward: the reverse chunked scan."""
+    """y = scan(Δ, u, A, B, C) over (batch, length, ·) inputs, in slices of ``rows`` batch rows. Forward: the
+    chunk-by-chunk torch scan, or the Triton kernel (which keeps no states, so the backward first reruns the torch
+    forward for them). Backward: the reverse scan chunk by chunk from the last, from the states that entered each
+    chunk. Outputs and gradients are written chunk by chunk into full tensors."""
 
     @staticmethod
-    def forward(ctx, dt, x, A, B, C, chunk, use_triton):
+    def forward(ctx, dt, u, A, B, C, chunk, rows, use_triton):
+        batch, length, _ = u.shape
+        padded = [_end_padded(t, -(-length // chunk) * chunk) for t in (dt, u, B, C)]
+        A2 = A * LOG2E
         if use_triton:
             from kernels._triton_selective_scan import scan_forward
 
-            y, checkpoints = scan_forward(dt, x, A, B, C), None
+            y, entering = scan_forward(dt, dt * u, A, B, C), None
         else:
-            y, checkpoints = _chunked_forward(dt, x, A, B, C, chunk)
-        ctx.save_for_backward(dt, x, A, B, C, checkpoints)
-        ctx.chunk = chunk
+            y = torch.empty_like(u)
+            entering = [_scan_chunks(*(t[r : r + rows] for t in padded), A2, chunk, y[r : r + rows])
+                        for r in range(0, batch, rows)]
+        ctx.save_for_backward(A, *padded)
+        ctx.entering, ctx.chunk, ctx.rows, ctx.length = entering, chunk, rows, length
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        dt, x, A, B, C, checkpoints = ctx.saved_tensors
-        if checkpoints is None:
-            checkpoints = _chunked_forward(dt, x, A, B, C, ctx.chunk)[1]
-        return (*_chunked_backward(dt, x, A, B, C, checkpoints, ctx.chunk, gy.float().contiguous()), None, None)
+        A, *padded = ctx.saved_tensors
+        chunk, rows, length = ctx.chunk, ctx.rows, ctx.length
+        A2 = A * LOG2E
+        gy = _end_padded(gy.float(), padded[0].shape[1])
+        batch = gy.shape[0]
+        ddt, du = (gy.new_empty(batch, length, gy.shape[2]) for _ in range(2))
+        dB, dC = (gy.new_empty(batch, length, A.shape[1]) for _ in range(2))
+        dA = torch.zeros_like(A)
+        for s, r in enumerate(range(0, batch, rows)):
+            dt, u, B, C, gy_r = (t[r : r + rows] for t in (*padded, gy))
+            entering = ctx.entering[s] if ctx.entering is not None else _scan_chunks(dt, u, B, C, A2, chunk)
+            carry = torch.zeros_like(entering[0])
+            dA_rows = torch.zeros_like(carry)
+            for i in range(len(entering) - 1, -1, -1):
+                lo = i * chunk
+                *grads, dA_rows, carry = _fused(_segment_backward, entering[i],
+                                                *(t[:, lo : lo + chunk] for t in (dt, u, B, C, gy_r)), carry, A2, A,
+                                                dA_rows)
+                for out, g in zip((ddt, du, dB, dC), grads):
+                    out[r : r + rows, lo : lo + chunk] = g[:, : length - lo]
+            dA += dA_rows.sum(0)
+        return ddt, du, dA, dB, dC, None, None, None
 
 
 class _FusedCpuScan(torch.autograd.Function):
@@ -298,8 +273,8 @@ def selective_scan(
 
     u, delta, z: (batch, length, d_inner); A: (d_inner, N), real and normally negative (A = −exp(A_log));
     B, C: (batch, length, N); D, delta_bias: (d_inner,); pad_mask: (batch, length) bool, True at real tokens.
-    ``chunk_size`` (the ``torch`` backend's chunk length; None picks it from the shapes) never changes the result
-    beyond fp32 rounding.
+    ``chunk_size`` (the ``torch`` backend's chunk length, default 8: the positions fused into one compiled step)
+    never changes the result beyond fp32 rounding.
     """
     backend = resolve_backend(backend, u, delta, A, B, C, has_triton=True, has_cpu=True)
     if u.ndim != 3 or delta.shape != u.shape:
@@ -331,13 +306,8 @@ def selective_scan(
     elif backend == "cpu":
         y = _FusedCpuScan.apply(*(t.contiguous() for t in (dt, u32, A32, B32, C32)))
     else:
-        # The torch path takes rows in slices whose per-step state stays near STEP_ELEMENTS (cache-sized): one scan
-        # over a batch whose state does not fit the cache streams every step through memory (figures at
-        # STEP_ELEMENTS). Rows are independent, so this is exact. The Triton kernel takes the whole batch at once.
-        rows = batch if backend == "triton" else max(1, STEP_ELEMENTS // (d_inner * n))
-        chunk = min(length, chunk_size or auto_chunk_size(min(batch, rows), length, d_inner, n))
-        x = dt * u32
-        parts = [_SelectiveScan.apply(dt_r, x_r, A32, B_r, C_r, chunk, backend == "triton")
-                 for dt_r, x_r, B_r, C_r in zip(dt.split(rows), x.split(rows), B32.split(rows), C32.split(rows))]
-        y = parts[0] if len(parts) == 1 else torch.cat(parts)
+        # The torch path takes rows in slices whose state stays near STEP_ELEMENTS (cache-sized; figures there).
+        # Rows are independent, so this is exact. The Triton kernel's forward takes the whole batch at once.
+        rows = max(1, STEP_ELEMENTS // (d_inner * n))
+        y = _SelectiveScan.apply(dt, u32, A32, B32, C32, chunk_size or DEFAULT_CHUNK, rows, backend == "triton")
     return _finish(y, u32, D, z, pad_mask, u.dtype)

@@ -7,6 +7,8 @@ reference), ≤ 1e-4 in fp32. Triton tests run with `TRITON_INTERPRET=1 .venv/bi
 
 import importlib
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -38,7 +40,7 @@ def left_pad_mask(lengths, total):
     return pos >= (total - torch.tensor(lengths))[:, None]
 
 
-def run(inputs, backend, use=NAMES, pad_mask=None, chunk_size=16, grad_seed=1):
+def run(inputs, backend, use=NAMES, pad_mask=None, chunk_size=None, grad_seed=1):
     """Output and the gradients of a random linear functional of it, for the inputs in ``use``."""
     leaves = {k: v.clone().requires_grad_() for k, v in inputs.items() if k in use}
     y = selective_scan(leaves["u"], leaves["delta"], leaves["A"], leaves["B"], leaves["C"], D=leaves.get("D"),
@@ -58,15 +60,15 @@ def assert_parity(got, ref, tol=1e-4):
         assert rel_err(grads[k], grads_ref[k]) <= tol, f"grad {k}: {rel_err(grads[k], grads_ref[k])}"
 
 
-CASES = [  # (batch, length, d_inner, N, chunk_size)
-    (3, 1, 6, 4, 16),
+CASES = [  # (batch, length, d_inner, N, chunk_size); None: the default chunk of 8
+    (3, 1, 6, 4, None),
     (3, 7, 6, 4, 3),
-    (2, 50, 8, 4, 16),
-    (2, 200, 4, 3, 16),
+    (2, 50, 8, 4, None),
+    (2, 200, 4, 3, None),
+    (2, 201, 4, 3, None),
+    (2, 201, 4, 3, 5),
     (2, 201, 4, 3, 16),
-    (2, 201, 4, 3, 7),
-    (2, 201, 4, 3, 50),  # chunks of 50: segments of 8, 8, …, 2 inside each chunk
-    (2, 60, 4, 3, 60),  # one chunk: no state carried between chunks
+    (2, 12, 4, 3, 16),  # one chunk, end-padded: no state carried between chunks
 ]
 
 
@@ -101,15 +103,41 @@ def test_no_softplus_and_default_chunk():
     assert rel_err(selective_scan(*args, delta_softplus=False), ref) <= 1e-4
 
 
-def test_auto_chunk_size_splits_small_batches_only():
-    from kernels.selective_scan import auto_chunk_size
+def test_the_torch_path_compiles_its_chunks():
+    """The torch path's speed comes from torch.compile fusing a chunk's steps (forward, and backward with its
+    recompute) into single loop nests: both compile, without graph breaks."""
+    from torch._dynamo.utils import counters
 
-    assert auto_chunk_size(256, 200, 128, 16) == 200  # a training batch: one chunk per sequence
-    assert auto_chunk_size(1, 200, 128, 16) == 15  # one request: √L chunks, so fewer Python steps
-    assert auto_chunk_size(1, 1, 128, 16) == 1
-    inputs = make_inputs(1, 45, 6, 4, seed=12)  # auto picks 6 chunks of 8 (the last one padded)
-    assert auto_chunk_size(1, 45, 6, 4) == 8
-    assert_parity(run(inputs, "torch", chunk_size=None), run(inputs, "reference"))
+    module = importlib.import_module("kernels.selective_scan")
+    torch._dynamo.reset()
+    counters.clear()
+    inputs = make_inputs(2, 19, 6, 4, seed=12)
+    assert_parity(run(inputs, "torch"), run(inputs, "reference"))
+    assert module.compile_unavailable_reason is None
+    assert counters["stats"]["unique_graphs"] >= 2 and not counters["graph_break"]
+
+
+def test_without_a_cxx_compiler_the_same_code_runs_eagerly(tmp_path):
+    """A machine where torch.compile cannot build (here: no C++ compiler) gets one warning that says why, and the
+    same results from the same code run eagerly."""
+    script = (
+        "import importlib, torch\n"
+        "module = importlib.import_module('kernels.selective_scan')\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "u, delta, B, C = (torch.randn(2, 11, s, generator=g) for s in (4, 4, 3, 3))\n"
+        "A = -torch.rand(4, 3, generator=g)\n"
+        "got = module.selective_scan(u, delta, A, B, C, backend='torch', chunk_size=4)\n"
+        "ref = module.selective_scan(u, delta, A, B, C, backend='reference')\n"
+        "print(module.compile_unavailable_reason)\n"
+        "print(((got - ref).abs().max() / ref.abs().max()).item())\n"
+    )
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-c++"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    reason, err = done.stdout.split("\n")[:2]
+    assert "compiler" in reason
+    assert float(err) <= 1e-4
+    assert done.stderr.count("torch.compile is unavailable") == 1
 
 
 def test_a_batch_too_large_for_the_cache_runs_in_row_slices(monkeypatch):
@@ -129,7 +157,7 @@ def test_large_steps_do_not_overflow(backend):
     inputs = make_inputs(2, 50, 4, 3, seed=5)
     inputs["delta"] = inputs["delta"] + 60.0
     ref = run(inputs, "reference")
-    got = run(inputs, backend, chunk_size=16)
+    got = run(inputs, backend)
     assert torch.isfinite(got[0]).all()
     assert_parity(got, ref)
 
@@ -170,7 +198,7 @@ def test_bf16_inputs_close_to_fp32():
     """bf16 inputs (fp32 scan inside) give a bf16 output within 3e-2 (rel_err) of the fp32 run, gradients too."""
     inputs = make_inputs(2, 60, 8, 4, seed=9)
     ref = run(inputs, "reference")
-    got = run({k: v.bfloat16() for k, v in inputs.items()}, "torch", chunk_size=16)
+    got = run({k: v.bfloat16() for k, v in inputs.items()}, "torch")
     assert got[0].dtype == torch.bfloat16
     assert all(g.dtype == torch.bfloat16 for g in got[1].values())
     assert_parity((got[0].float(), {k: g.float() for k, g in got[1].items()}), ref, tol=3e-2)

@@ -1,7 +1,7 @@
 """Kernel benchmark (not a test): each fast path against its baseline, measured in the same run.
 
 Cases (issue [2]); every case runs in its own child process so its peak memory is its own:
-- ``selective_scan``: the fused C kernel (``cpu``, what ``auto`` runs on CPU tensors) and torch (chunked) vs
+- ``selective_scan``: the fused C kernel (``cpu``, what ``auto`` runs on CPU tensors) and torch (compiled chunks) vs
   reference (sequential loop), B=256, L=200, d_inner=128, N=16, fwd+bwd;
 - ``ssd``: the fused C kernel (``cpu``) and torch (chunked SSD) vs the reference recurrence, same sizes (heads 8 ×
   head_dim 16), fwd+bwd;
@@ -12,7 +12,8 @@ Cases (issue [2]); every case runs in its own child process so its peak memory i
 - ``topk``: chunked top-k (k=10) of 1,024 queries over 1,000,000 items vs one full matmul + ``torch.topk``.
 
 Peak memory is how far the process's peak RSS rises above the RSS it held before the operation (its inputs).
-Times are the best of ``--repeats`` runs, for the baselines too. Writes reports/benchmarks/kernels.json.
+Times are the best of ``--repeats`` runs after one untimed warm-up call (compilation, first page faults), for the
+baselines too. Writes reports/benchmarks/kernels.json.
 Usage: ``python tests/benchmarks/kernels.py [--only selective_scan ssd ...]`` (--only keeps the other cases'
 figures from the existing JSON).
 """
@@ -44,8 +45,10 @@ def current_rss_bytes() -> int:
 
 
 def measure(fn, repeats: int) -> dict:
-    """Best time of ``repeats`` calls, and how far the peak RSS rose above the RSS held before them (the inputs)."""
+    """Best time of ``repeats`` calls after one untimed call (torch.compile's compilation, the allocator's first
+    page faults), and how far the peak RSS rose above the RSS held before them (the inputs)."""
     base = current_rss_bytes()
+    fn()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()

@@ -102,7 +102,7 @@ def against_bound(entry: dict, nbytes: int, bandwidth: float, flops: float | Non
 
 def case_selective_scan(timer: Timer, bandwidth: float, b: int, length: int, d: int, n: int) -> dict:
     from kernels._triton_selective_scan import scan_forward
-    from kernels.selective_scan import _chunked_forward, auto_chunk_size, selective_scan
+    from kernels.selective_scan import DEFAULT_CHUNK, _SelectiveScan, selective_scan
 
     dev = timer.device
     dt = torch.rand(b, length, d, device=dev) * 0.1
@@ -111,12 +111,11 @@ def case_selective_scan(timer: Timer, bandwidth: float, b: int, length: int, d: 
     B, C = torch.randn(b, length, n, device=dev), torch.randn(b, length, n, device=dev)
     # read Δ, x = Δ·u, B, C, A; write y
     nbytes = FP32 * (3 * b * length * d + 2 * b * length * n + d * n)
-    chunk = min(length, auto_chunk_size(b, length, d, n))
     out = {"shape": f"B={b} L={length} d_inner={d} N={n}"}
     with torch.no_grad():
         out["forward_triton"] = against_bound(timer(lambda: scan_forward(dt, x, A, B, C)), nbytes, bandwidth)
-        out["forward_torch"] = against_bound(timer(lambda: _chunked_forward(dt, x, A, B, C, chunk)), nbytes,
-                                             bandwidth)
+        torch_forward = timer(lambda: _SelectiveScan.apply(dt, x, A, B, C, DEFAULT_CHUNK, False))
+        out["forward_torch"] = against_bound(torch_forward, nbytes, bandwidth)
     leaves = [t.clone().requires_grad_() for t in (x, dt, A, B, C)]
 
     def train_step(backend):
