@@ -89,10 +89,11 @@ def _scan_reference(u, dt, A, B, C):
     return torch.stack(ys, dim=1)
 
 
-def _segment_forward(h, dt, u, B, C, A2):
+def _segment_forward(h, dt, u, B, C, A2, y):
     """One chunk of T positions from its entering state h (rows, d_inner, N), every other tensor a (rows, T, ·) view:
-    eq. (2a)-(2b) step by step, with A2 = A·log₂e (exp2 is 4× faster than exp on this CPU). Returns y
-    (rows, T, d_inner) and the state leaving the chunk. Compiled (``_fused``), the T steps become one loop nest that
+    eq. (2a)-(2b) step by step, with A2 = A·log₂e (exp2 is 4× faster than exp on this CPU). Writes y
+    into ``y`` (a (rows, T, d_inner) view of the output: Inductor stores straight into it, no copy afterwards) and
+    returns the state leaving the chunk. Compiled (``_fused``), the T steps become one loop nest that
     keeps each channel's N states in registers, so the state makes one trip through memory per chunk instead of
     several per position."""
     ys = []
@@ -100,17 +101,18 @@ def _segment_forward(h, dt, u, B, C, A2):
         x = (dt[:, k] * u[:, k]).unsqueeze(-1)  # Δ_t u_t
         h = torch.exp2(dt[:, k].unsqueeze(-1) * A2) * h + x * B[:, k].unsqueeze(-2)  # Ā_t ⊙ h + Δ_t B_t u_t
         ys.append((h * C[:, k].unsqueeze(-2)).sum(-1))
-    return torch.stack(ys, 1), h
+    y.copy_(torch.stack(ys, 1))
+    return h
 
 
-def _segment_backward(h0, dt, u, B, C, gy, carry, A2, A, dA_rows):
+def _segment_backward(h0, dt, u, B, C, gy, carry, A2, A, dA_rows, out):
     """Gradients for one chunk (laid out as in ``_segment_forward``), given its entering state h0 and
     carry = Ā_{t+1} ⊙ ∂L/∂h_{t+1} from the position after it. Recompute the chunk's states, then run the reverse scan
     g_t = ∂L/∂h_t = gy_t ⊗ C_t + Ā_{t+1} ⊙ g_{t+1}. With x_t = Δ_t u_t and q_t = g_t ⊙ Ā_t ⊙ h_{t−1} (the gradient
     of Δ_t A through Ā_t = exp(Δ_t A)): ∂x_t = Σ_n g_t B_t, so ∂u_t = ∂x_t Δ_t and ∂Δ_t = Σ_n q_t A + ∂x_t u_t;
     ∂A = Σ q_t Δ_t, ∂B_t = Σ_d g_t x_t, ∂C_t = Σ_d gy_t h_t. ∂A is accumulated per row into dA_rows
-    (rows, d_inner, N): a sum over rows here would be a strided reduction per step. Returns (∂Δ, ∂u, ∂B, ∂C), the
-    updated dA_rows and the carry into the previous chunk."""
+    (rows, d_inner, N): a sum over rows here would be a strided reduction per step. Writes (∂Δ, ∂u, ∂B, ∂C) into the
+    views in ``out`` and returns the updated dA_rows and the carry into the previous chunk."""
     steps = dt.shape[1]
     dt, u, B, C, gy = (t.unbind(1) for t in (dt, u, B, C, gy))
     h, decays, states = h0, [], []
@@ -129,7 +131,9 @@ def _segment_backward(h0, dt, u, B, C, gy, carry, A2, A, dA_rows):
         ddt[k] = (q * A).sum(-1) + dx * u[k]
         du[k] = dx * dt[k]
         dA_rows = dA_rows + q * dt[k].unsqueeze(-1)
-    return *(torch.stack(g, 1) for g in (ddt, du, dB, dC)), dA_rows, carry
+    for o, g in zip(out, (ddt, du, dB, dC)):
+        o.copy_(torch.stack(g, 1))
+    return dA_rows, carry
 
 
 compile_unavailable_reason: str | None = None  # set when torch.compile failed once; the chunks then run eagerly
@@ -165,14 +169,13 @@ def _end_padded(t, padded_len):
 
 def _scan_chunks(dt, u, B, C, A2, chunk, y=None):
     """Forward over end-padded (rows, padded length, ·) inputs, chunk by chunk: each chunk's entering state, and y
-    written into ``y`` (rows, length, d_inner) when given."""
+    written into ``y`` (rows, padded length, d_inner; a scratch buffer when not given)."""
     h = dt.new_zeros(dt.shape[0], dt.shape[2], A2.shape[1])
+    y = y if y is not None else u.new_empty(u.shape)
     entering = []
     for lo in range(0, dt.shape[1], chunk):
         entering.append(h)
-        y_chunk, h = _fused(_segment_forward, h, *(t[:, lo : lo + chunk] for t in (dt, u, B, C)), A2)
-        if y is not None:
-            y[:, lo : lo + chunk] = y_chunk[:, : y.shape[1] - lo]
+        h = _fused(_segment_forward, h, *(t[:, lo : lo + chunk] for t in (dt, u, B, C)), A2, y[:, lo : lo + chunk])
     return entering
 
 
@@ -192,9 +195,11 @@ class _SelectiveScan(torch.autograd.Function):
 
             y, entering = scan_forward(dt, dt * u, A, B, C), None
         else:
-            y = torch.empty_like(u)
+            y = u.new_empty(padded[1].shape)
             entering = [_scan_chunks(*(t[r : r + rows] for t in padded), A2, chunk, y[r : r + rows])
                         for r in range(0, batch, rows)]
+            if y.shape[1] != length:  # a copy, not a view of the end-padded buffer: the caller owns its output
+                y = y[:, :length].contiguous()
         ctx.save_for_backward(A, *padded)
         ctx.entering, ctx.chunk, ctx.rows, ctx.length = entering, chunk, rows, length
         return y
@@ -206,8 +211,8 @@ class _SelectiveScan(torch.autograd.Function):
         A2 = A * LOG2E
         gy = _end_padded(gy.float(), padded[0].shape[1])
         batch = gy.shape[0]
-        ddt, du = (gy.new_empty(batch, length, gy.shape[2]) for _ in range(2))
-        dB, dC = (gy.new_empty(batch, length, A.shape[1]) for _ in range(2))
+        ddt, du = (gy.new_empty(gy.shape) for _ in range(2))
+        dB, dC = (gy.new_empty(batch, gy.shape[1], A.shape[1]) for _ in range(2))
         dA = torch.zeros_like(A)
         for s, r in enumerate(range(0, batch, rows)):
             dt, u, B, C, gy_r = (t[r : r + rows] for t in (*padded, gy))
@@ -216,13 +221,11 @@ class _SelectiveScan(torch.autograd.Function):
             dA_rows = torch.zeros_like(carry)
             for i in range(len(entering) - 1, -1, -1):
                 lo = i * chunk
-                *grads, dA_rows, carry = _fused(_segment_backward, entering[i],
-                                                *(t[:, lo : lo + chunk] for t in (dt, u, B, C, gy_r)), carry, A2, A,
-                                                dA_rows)
-                for out, g in zip((ddt, du, dB, dC), grads):
-                    out[r : r + rows, lo : lo + chunk] = g[:, : length - lo]
+                dA_rows, carry = _fused(_segment_backward, entering[i],
+                                        *(t[:, lo : lo + chunk] for t in (dt, u, B, C, gy_r)), carry, A2, A, dA_rows,
+                                        [g[r : r + rows, lo : lo + chunk] for g in (ddt, du, dB, dC)])
             dA += dA_rows.sum(0)
-        return ddt, du, dA, dB, dC, None, None, None
+        return ddt[:, :length], du[:, :length], dA, dB[:, :length], dC[:, :length], None, None, None
 
 
 class _FusedCpuScan(torch.autograd.Function):
