@@ -102,7 +102,7 @@ def against_bound(entry: dict, nbytes: int, bandwidth: float, flops: float | Non
 
 def case_selective_scan(timer: Timer, bandwidth: float, b: int, length: int, d: int, n: int) -> dict:
     from kernels._triton_selective_scan import scan_forward
-    from kernels.selective_scan import DEFAULT_CHUNK, _SelectiveScan, selective_scan
+    from kernels.selective_scan import DEFAULT_CHUNK, STEP_ELEMENTS, _SelectiveScan, selective_scan
 
     dev = timer.device
     dt = torch.rand(b, length, d, device=dev) * 0.1
@@ -114,7 +114,9 @@ def case_selective_scan(timer: Timer, bandwidth: float, b: int, length: int, d: 
     out = {"shape": f"B={b} L={length} d_inner={d} N={n}"}
     with torch.no_grad():
         out["forward_triton"] = against_bound(timer(lambda: scan_forward(dt, x, A, B, C)), nbytes, bandwidth)
-        torch_forward = timer(lambda: _SelectiveScan.apply(dt, x, A, B, C, DEFAULT_CHUNK, False))
+        # the torch path takes u and forms Δ·u itself; rows: its row slices, as selective_scan picks them
+        rows = max(1, STEP_ELEMENTS // (d * n))
+        torch_forward = timer(lambda: _SelectiveScan.apply(dt, x, A, B, C, DEFAULT_CHUNK, rows, False))
         out["forward_torch"] = against_bound(torch_forward, nbytes, bandwidth)
     leaves = [t.clone().requires_grad_() for t in (x, dt, A, B, C)]
 
