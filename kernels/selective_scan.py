@@ -154,10 +154,12 @@ def _fused(fn, *args):
     if compile_unavailable_reason is None:
         try:
             return _compiled(fn)(*args)
-        except Exception as exc:  # noqa: BLE001 - any compiler failure; a real error re-raises from the eager run
+        except Exception as exc:  # noqa: BLE001 - any compiler failure
+            result = fn(*args)  # an error of fn itself raises here, and leaves compilation on
             compile_unavailable_reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             warnings.warn(f"selective_scan: torch.compile is unavailable ({compile_unavailable_reason}); the torch "
                           "path runs its chunks eagerly, several times slower", stacklevel=3)
+            return result
     return fn(*args)
 
 
