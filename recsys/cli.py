@@ -8,6 +8,10 @@
     recsys distill --dataset NAME [--raw-dir DIR] --teacher-bundle DIR [--student-layers N] [--set key=value ...]
     recsys mlflow-ui                                                        the MLflow dashboard on 127.0.0.1:5000
     recsys serve [--bundle DIR ... | --model-uri models:/recsys-sasrec@champion ...] [--port 8000]
+
+train, evaluate, report and distill also run as several ranks of one job under torchrun (``torchrun
+--nproc-per-node N -m recsys train ...``, the same flags; docs/scaling.md): rank 0 prints and writes, and a job
+that torchrun restarts (``--max-restarts``) resumes from its last checkpoints by itself.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from pathlib import Path
 
 from pipelines.cli import add_data_commands
 from pipelines.errors import BadInputError, EmptyDatasetError, RawDataMissingError
+from recsys import distributed
 
 USER_ERRORS = (BadInputError, EmptyDatasetError, RawDataMissingError, ValueError, FileNotFoundError)
 
@@ -30,10 +35,12 @@ def cmd_train(args) -> int:
     from recsys.run import parse_overrides, train_run
 
     result = train_run(args.model, args.dataset, raw_dir=args.raw_dir, data_root=args.data_root, epochs=args.epochs,
-                       overrides=parse_overrides(args.set), seed=args.seed, out_dir=args.out, resume=args.resume,
+                       overrides=parse_overrides(args.set), seed=args.seed, out_dir=args.out,
+                       resume=args.resume or distributed.restart_count() > 0,
                        track=not args.no_track, progress=not args.no_progress)
-    print(json.dumps({"bundle": str(result.bundle_dir), "test": result.metrics["test"],
-                      "model_version": result.model_version}, indent=2))
+    if distributed.is_main():
+            print(json.dumps({"bundle": str(result.bundle_dir), "test": result.metrics["test"],
+                          "model_version": result.model_version}, indent=2))
     return 0
 
 
@@ -53,8 +60,9 @@ def cmd_evaluate(args) -> int:
     train_config = bundle.config["train_config"]
     ks = cutoffs(train_config.get("max_k", max(KS)))  # bundles from before max_k existed report every cutoff
     metrics = evaluate(bundle.model, eval_set, ds.num_items, bundle.config["exclude_seen"], ks=ks,
-                       batch_size=train_config["eval_batch_size"])
-    print(json.dumps(metrics, indent=2, sort_keys=True))
+                       batch_size=train_config["eval_batch_size"], device=distributed.device_for("auto"))
+    if distributed.is_main():
+        print(json.dumps(metrics, indent=2, sort_keys=True))
     return 0
 
 
@@ -63,9 +71,11 @@ def cmd_report(args) -> int:
     from recsys.run import parse_overrides
 
     out = run_report(args.dataset, args.models, raw_dir=args.raw_dir, data_root=args.data_root, epochs=args.epochs,
-                     overrides=parse_overrides(args.set), seed=args.seed, track=not args.no_track)
-    print((out / "eval.md").read_text())
-    print(f"report written to {out}/ (eval.md, eval.csv, eval.png)", file=sys.stderr)
+                     overrides=parse_overrides(args.set), seed=args.seed, track=not args.no_track,
+                     resume=distributed.restart_count() > 0)
+    if distributed.is_main():
+        print((out / "eval.md").read_text())
+        print(f"report written to {out}/ (eval.md, eval.csv, eval.png)", file=sys.stderr)
     return 0
 
 
@@ -77,9 +87,11 @@ def cmd_distill(args) -> int:
                          item_table_bundle=args.item_table_bundle, teacher_bundle=args.teacher_bundle,
                          raw_dir=args.raw_dir, data_root=args.data_root,
                          epochs=args.epochs, overrides=parse_overrides(args.set), seed=args.seed, out_root=args.out,
-                         track=not args.no_track, progress=not args.no_progress)
-    print(json.dumps({"teacher": str(result.teacher.bundle_dir), "student": str(result.student.bundle_dir),
-                      "distillation": result.distillation}, indent=2))
+                         track=not args.no_track, progress=not args.no_progress,
+                         resume=distributed.restart_count() > 0)
+    if distributed.is_main():
+        print(json.dumps({"teacher": str(result.teacher.bundle_dir), "student": str(result.student.bundle_dir),
+                          "distillation": result.distillation}, indent=2))
     return 0
 
 
@@ -130,6 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override a model or training setting, e.g. --set hidden_size=128 --set lr=0.002")
         p.add_argument("--seed", type=int, default=None)
         p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+        threads(p)
+
+    def threads(p):
+        p.add_argument("--threads", type=int, default=None,
+                       help=f"intra-op threads per process (default ${distributed.THREADS_ENV}, else the cores divided "
+                            "by the ranks on this machine)")
 
     train = sub.add_parser("train", help="train one model and write a bundle")
     train.add_argument("--model", required=True)
@@ -143,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="evaluate a bundle on its dataset")
     ev.add_argument("--bundle", required=True)
     ev.add_argument("--split", choices=["test", "valid"], default="test")
+    threads(ev)
     ev.set_defaults(func=cmd_evaluate)
 
     rep = sub.add_parser("report", help="train and compare several models (make eval)")
@@ -186,9 +205,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# the commands that train or evaluate, and so run as ranks of one job under torchrun
+DISTRIBUTED_COMMANDS = ("train", "evaluate", "report", "distill")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command in DISTRIBUTED_COMMANDS:
+            distributed.init(args.threads)
+        elif distributed.launched():
+            raise ValueError(f"`recsys {args.command}` runs in one process; only {DISTRIBUTED_COMMANDS} run under "
+                             "torchrun with several ranks")
         return args.func(args)
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -196,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import torch
 
 from kernels import topk_scores
 from recsys.batching import SequenceBatch, eval_batches
+from recsys import distributed
 from recsys.run import RunResult, resolve_dataset, train_run
 
 ROLES = ("sasrec", "teacher", "student")
@@ -151,11 +152,13 @@ def distill_run(
     out_root: str | Path | None = None,
     track: bool = True,
     progress: bool = True,
+    resume: bool = False,
     timing_requests: int = 4096,
     timing_repeats: int = 3,
 ) -> DistillResult:
     """Train (SASRec,) teacher and student; return both runs and the ``distillation`` figures. With
-    ``teacher_bundle`` the teacher is reused, not trained (``teacher_layers`` may then be None)."""
+    ``teacher_bundle`` the teacher is reused, not trained (``teacher_layers`` may then be None). ``resume``
+    continues each run from its checkpoint (a restart under torchrun sets it)."""
     if teacher_bundle is None:
         if teacher_layers is None:
             raise ValueError("the teacher's depth is needed (--teacher-layers) unless a teacher bundle is reused")
@@ -167,9 +170,9 @@ def distill_run(
         student_layers = student_depth(teacher_layers, student_layers)
     by_role = split_by_role(overrides or {})
     out_root = Path(out_root) if out_root else Path("runs") / ds.manifest["name"] / "slmrec-distill"
-    common = dict(epochs=epochs, seed=seed, track=track, progress=progress)
+    common = dict(epochs=epochs, seed=seed, track=track, progress=progress, resume=resume)
     parent = None
-    if track:
+    if track and distributed.is_main():
         from recsys.tracking import Tracker
 
         parent = Tracker(experiment=ds.manifest["name"], run_name="slmrec-distill",
@@ -218,7 +221,7 @@ def distill_run(
                             tags={"distill_role": "student",
                                   **({"teacher_run_id": teacher.run_id} if track and teacher.run_id else {})},
                             extra_metrics=add_distillation, **common)
-        if parent:
+        if parent:  # rank 0 only
             parent.log_metrics(figures)
             for key, run in (("teacher_run_id", teacher), ("student_run_id", student)):
                 if run.run_id:

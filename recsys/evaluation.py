@@ -14,6 +14,10 @@ Generative models (``model.generative``: semantic-id decoders, which score no ca
 through the same ``evaluate`` from their ``recommend(batch, k)`` lists: the target's rank is its position in the
 list and ∞ when absent (so MRR is MRR over the list, not over the catalogue). With ``exclude_seen`` each list is
 asked for k + |history| items and the history is dropped from it before ranking.
+
+Under torchrun (``recsys.distributed``) the users are sharded over the ranks: each rank ranks its share, the
+per-metric sums and user counts are all-reduced and coverage@K is the OR (max) of per-rank item bitmaps, so every
+rank gets the one-process figures (counts exactly, means up to summation order).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import torch
 
 from kernels.topk import target_ranks, topk_scores
 from pipelines.jagged import EvalSet
+from recsys import distributed
 from recsys.batching import eval_batches
 from recsys.models.base import SequentialModel
 
@@ -37,17 +42,24 @@ def cutoffs(max_k: int) -> tuple[int, ...]:
     return tuple(k for k in KS if k <= max_k)
 
 
-def metrics_from_ranks(ranks: np.ndarray, ks=KS) -> dict[str, float]:
-    """Aggregate 1-based target ranks (``inf`` = not ranked) into HR@K, NDCG@K, MRR@K and MRR."""
+def metric_sums(ranks: np.ndarray, ks=KS) -> dict[str, float]:
+    """Per-metric sums over users of 1-based target ranks (``inf`` = not ranked): HR@K, NDCG@K, MRR@K and MRR.
+    Sums, not means, so shards of users add up (``metrics_from_ranks`` divides by the user count)."""
     ranks = np.asarray(ranks, dtype=np.float64)
     out: dict[str, float] = {}
     for k in ks:
         hit = ranks <= k
-        out[f"hr@{k}"] = float(hit.mean())
-        out[f"ndcg@{k}"] = float(np.where(hit, 1.0 / np.log2(np.where(hit, ranks, 1.0) + 1.0), 0.0).mean())
-        out[f"mrr@{k}"] = float(np.where(hit, 1.0 / np.where(hit, ranks, 1.0), 0.0).mean())
-    out["mrr"] = float((1.0 / ranks).mean())
+        out[f"hr@{k}"] = float(hit.sum(dtype=np.float64))
+        out[f"ndcg@{k}"] = float(np.where(hit, 1.0 / np.log2(np.where(hit, ranks, 1.0) + 1.0), 0.0).sum())
+        out[f"mrr@{k}"] = float(np.where(hit, 1.0 / np.where(hit, ranks, 1.0), 0.0).sum())
+    out["mrr"] = float((1.0 / ranks).sum())
     return out
+
+
+def metrics_from_ranks(ranks: np.ndarray, ks=KS) -> dict[str, float]:
+    """Aggregate 1-based target ranks (``inf`` = not ranked) into HR@K, NDCG@K, MRR@K and MRR."""
+    n = len(ranks)
+    return {name: total / n if n else float("nan") for name, total in metric_sums(ranks, ks).items()}
 
 
 @torch.no_grad()
@@ -81,7 +93,10 @@ def evaluate(
     batch_size: int = 512,
     device: torch.device | str = "cpu",
 ) -> dict[str, float]:
-    """Full-ranking metrics of ``model`` on ``eval_set``; the result records ``exclude_seen`` and the user count."""
+    """Full-ranking metrics of ``model`` on ``eval_set``; the result records ``exclude_seen`` and the user count.
+    Under torchrun each rank evaluates its share of the users and every rank returns the figures of all of them."""
+    if distributed.world_size() > 1:
+        eval_set = eval_set.take(np.argsort(eval_set.history.lengths(), kind="stable")[distributed.shard(len(eval_set))])
     was_training = model.training
     model.eval()
     max_k = max(ks)
@@ -107,12 +122,18 @@ def evaluate(
 
 
 def _summary(ranks: np.ndarray, top: np.ndarray, ks, num_items: int, exclude_seen: bool) -> dict[str, float]:
-    result = metrics_from_ranks(ranks, ks)
+    """The figures of every rank's users together: sums and counts all-reduced, item bitmaps OR-ed (max)."""
+    sums = metric_sums(ranks, ks)
+    totals = distributed.all_reduce_array(np.array([*sums.values(), len(ranks)], dtype=np.float64))
+    n = int(totals[-1])
+    result = {name: float(total / n) if n else float("nan") for name, total in zip(sums, totals[:-1])}
     for k in ks:
-        listed = np.unique(top[:, :k])
-        listed = listed[listed != 0]  # 0 fills a generative list that ran short, it is no item
-        result[f"coverage@{k}"] = float(len(listed) / num_items) if len(top) else 0.0
-    result["num_users"] = int(len(ranks))
+        listed = np.zeros(num_items + 1, dtype=np.uint8)
+        listed[top[:, :k].ravel()] = 1
+        listed = distributed.all_reduce_array(listed, op="max")
+        # row 0 fills a generative list that ran short: it is no item
+        result[f"coverage@{k}"] = float(listed[1:].sum() / num_items) if n else 0.0
+    result["num_users"] = n
     result["exclude_seen"] = bool(exclude_seen)
     return result
 

@@ -27,6 +27,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from pipelines.atomic import atomic_write_bytes  # noqa: E402
+from recsys import distributed  # noqa: E402
 from recsys.models import model_class  # noqa: E402
 from recsys.run import RunResult, resolve_dataset, train_run  # noqa: E402
 from recsys.trainer import TrainConfig  # noqa: E402
@@ -131,7 +132,7 @@ def settings_by_model(models: list[str], overrides: dict) -> dict[str, dict]:
     return own
 
 
-def distilled_results(ds, settings: dict, results: dict[str, RunResult], *, epochs, seed, track):
+def distilled_results(ds, settings: dict, results: dict[str, RunResult], *, epochs, seed, track, resume=False):
     """SLMRec's teacher and student (``recsys.distill``) as two report rows, and the distillation figures."""
     from recsys.distill import distill_run
 
@@ -142,7 +143,8 @@ def distilled_results(ds, settings: dict, results: dict[str, RunResult], *, epoc
         depths["teacher_layers"] = model_class("slmrec").Config.model_fields["num_layers"].default
     run = distill_run(ds, int(depths["teacher_layers"]),
                       int(depths["student_layers"]) if depths["student_layers"] is not None else None,
-                      item_table_bundle=table, epochs=epochs, overrides=settings, seed=seed, track=track)
+                      item_table_bundle=table, epochs=epochs, overrides=settings, seed=seed, track=track,
+                      resume=resume)
     return {"slmrec-teacher": run.teacher, "slmrec-student": run.student}, run.distillation
 
 
@@ -161,7 +163,10 @@ def distillation_lines(figures: dict) -> list[str]:
 
 def run_report(dataset: str, models: list[str], *, raw_dir=None, data_root=None, epochs: int | None = None,
                overrides: dict | None = None, seed: int | None = None, out_root: Path = Path("reports"),
-               track: bool = True) -> Path:
+               track: bool = True, resume: bool = False) -> Path:
+    """Train and evaluate each of ``models`` and write the report. Under torchrun every rank trains and
+    evaluates; rank 0 alone sets the champion and writes the report. ``resume`` continues each model's run from
+    its checkpoint where one is left (a restarted job)."""
     ds = resolve_dataset(dataset, raw_dir=raw_dir, data_root=data_root)
     settings = settings_by_model(models, overrides or {})
     results: dict[str, RunResult] = {}
@@ -171,7 +176,8 @@ def run_report(dataset: str, models: list[str], *, raw_dir=None, data_root=None,
         print(f"== training {name} on {dataset}", file=sys.stderr)
         own = settings[name]
         if name == DISTILL:
-            runs, figures = distilled_results(ds, own, results, epochs=epochs, seed=seed, track=track)
+            runs, figures = distilled_results(ds, own, results, epochs=epochs, seed=seed, track=track,
+                                              resume=resume)
             results.update(runs)
             registered.update(dict.fromkeys(runs, "slmrec"))
             notes += distillation_lines(figures)
@@ -180,22 +186,26 @@ def run_report(dataset: str, models: list[str], *, raw_dir=None, data_root=None,
             # SLMRec's recipe borrows a trained SASRec item table (model-specs §6): the one trained just before
             own["item_table_bundle"] = str(results["sasrec"].bundle_dir.resolve())
         results[name] = train_run(name, ds, epochs=epochs, overrides=own, seed=seed,
-                                  out_dir=Path("runs") / ds.manifest["name"] / name, track=track)
+                                  out_dir=Path("runs") / ds.manifest["name"] / name, track=track, resume=resume)
         registered[name] = name
     rows = [result_row(name, r) for name, r in results.items()]
-    champion = max(rows, key=lambda r: r["valid_ndcg@10"])["model"]
-    if track:
-        from recsys.tracking import set_champion
 
-        set_champion(registered[champion], results[champion].model_version, sorted(set(registered.values())))
-    out_dir = out_root / ds.manifest["name"]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    exclude_seen = next(iter(results.values())).metrics["exclude_seen"]
-    write_markdown(out_dir / "eval.md", ds.manifest["name"], ds.manifest, rows, exclude_seen, champion, notes)
-    table = io.StringIO()
-    writer = csv.DictWriter(table, fieldnames=COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_bytes(out_dir / "eval.csv", table.getvalue().encode())
-    write_figure(out_dir / "eval.png", ds.manifest["name"], results)
-    return out_dir
+    def write() -> Path:
+        champion = max(rows, key=lambda r: r["valid_ndcg@10"])["model"]
+        if track:
+            from recsys.tracking import set_champion
+
+            set_champion(registered[champion], results[champion].model_version, sorted(set(registered.values())))
+        out_dir = out_root / ds.manifest["name"]
+        out_dir.mkdir(parents=True, exist_ok=True)
+        exclude_seen = next(iter(results.values())).metrics["exclude_seen"]
+        write_markdown(out_dir / "eval.md", ds.manifest["name"], ds.manifest, rows, exclude_seen, champion, notes)
+        table = io.StringIO()
+        writer = csv.DictWriter(table, fieldnames=COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_bytes(out_dir / "eval.csv", table.getvalue().encode())
+        write_figure(out_dir / "eval.png", ds.manifest["name"], results)
+        return out_dir
+
+    return distributed.on_main(write)

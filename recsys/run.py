@@ -1,4 +1,7 @@
-"""One training run end to end: dataset → split → model → trainer → final metrics → bundle → MLflow."""
+"""One training run end to end: dataset → split → model → trainer → final metrics → bundle → MLflow.
+
+Under torchrun every rank runs this same function: all ranks train and evaluate (``recsys.trainer``,
+``recsys.evaluation``), and rank 0 alone writes the bundle, removes the checkpoint and talks to MLflow."""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from pipelines.build import build_dataset
 from pipelines.cli import parse_settings as parse_overrides  # noqa: F401  (one parser for --set)
 from pipelines.dataset import ProcessedDataset, load_dataset
 from pipelines.jagged import Split
+from recsys import distributed
 from recsys.bundle import save_bundle
 from recsys.evaluation import cutoffs, evaluate
 from recsys.models import build_model, model_class
@@ -65,6 +69,8 @@ def resolve_dataset(dataset: str | Path | ProcessedDataset, *, raw_dir=None, dat
         return dataset
     if (Path(dataset) / "manifest.json").is_file():
         return load_dataset(dataset)
+    # under torchrun rank 0 builds (or finds) the dataset first; the other ranks then find it up to date
+    distributed.on_main(lambda: build_dataset(str(dataset), raw_dir, data_root=data_root))
     return load_dataset(build_dataset(str(dataset), raw_dir, data_root=data_root))
 
 
@@ -92,6 +98,7 @@ def train_run(
     the bundle is written once, atomically, with them.
     """
     ds = resolve_dataset(dataset, raw_dir=raw_dir, data_root=data_root)
+    distributed.check_same("dataset content hash", ds.content_hash)
     model_over, train_over = split_overrides(model_name, overrides or {})
     if epochs is not None:
         train_over["epochs"] = epochs
@@ -120,18 +127,22 @@ def train_run(
     resumable = {**run_config, "train_config": {k: v for k, v in run_config["train_config"].items()
                                                 if k != "max_minutes"}}
     key = fingerprint(model_name, model.config.model_dump(mode="json"), resumable)
+    checkpoint_dir = out_dir.with_name(out_dir.name + ".checkpoints")
     tracker = None
-    if track:
+    if track and distributed.is_main():
         from recsys.tracking import Tracker
 
         tracker = Tracker(experiment=dataset_name, run_name=model_name,
-                          tags={"model": model_name, "dataset_hash": ds.content_hash, **(tags or {})})
+                          tags={"model": model_name, "dataset_hash": ds.content_hash, **(tags or {})},
+                          run_id_file=checkpoint_dir / "mlflow_run_id")
         tracker.log_params({"model": model_name, "model_config": model.config.model_dump(mode="json"),
-                            "seed": train_config.seed, **run_config})
+                            "seed": train_config.seed, "world_size": distributed.world_size(), **run_config})
         for section, figures in prepared.items():
             tracker.log_metrics(figures, prefix=f"{section}_")
 
     def on_epoch(record: dict) -> None:
+        if not distributed.is_main():
+            return
         valid = record["valid"]
         summary = f"epoch {record['epoch']}: valid ndcg@10 {valid['ndcg@10']:.4f} hr@10 {valid['hr@10']:.4f}"
         if record["loss"] is not None:
@@ -143,7 +154,7 @@ def train_run(
                 metrics.update(loss=record["loss"], epoch_seconds=record["seconds"])
             tracker.log_metrics(metrics, step=record["epoch"])
 
-    trainer = Trainer(train_config, checkpoint_dir=out_dir.with_name(out_dir.name + ".checkpoints"), progress=progress)
+    trainer = Trainer(train_config, checkpoint_dir=checkpoint_dir, progress=progress)
     status = "FAILED"
     try:
         result = trainer.fit(model, split, ds.num_items, exclude_seen, on_epoch=on_epoch, resume=resume,
@@ -169,22 +180,28 @@ def train_run(
         }
         extra = extra_metrics(model, split, metrics) if extra_metrics else {}
         metrics.update(extra)
-        save_bundle(out_dir, model.cpu(), run_config, ds.items, metrics)
-        version = None
-        if tracker:
-            tracker.log_metrics(test, prefix="test_")
-            tracker.log_metrics({"train_seconds": result.train_seconds, "epochs": result.epochs,
-                                 "best_epoch": result.best_epoch, "parameters": metrics["parameters"]})
-            for section, figures in extra.items():
-                tracker.log_metrics(figures, prefix=f"{section}_")
-            version = tracker.log_bundle(out_dir, model_name)
+        finished = result.stopped_because != "time budget"
+
+        def publish() -> str | None:
+            save_bundle(out_dir, model.cpu(), run_config, ds.items, metrics)
+            version = None
+            if tracker:
+                tracker.log_metrics(test, prefix="test_")
+                tracker.log_metrics({"train_seconds": result.train_seconds, "epochs": result.epochs,
+                                     "best_epoch": result.best_epoch, "parameters": metrics["parameters"]})
+                for section, figures in extra.items():
+                    tracker.log_metrics(figures, prefix=f"{section}_")
+                version = tracker.log_bundle(out_dir, model_name)
+            if finished:
+                trainer.remove_checkpoint()  # a finished run needs no resume point
+            else:
+                print(f"stopped by max_minutes after epoch {result.history[-1]['epoch']} of {train_config.epochs}; "
+                      "the checkpoint is kept: --resume with a larger max_minutes continues the same schedule",
+                      file=sys.stderr)
+            return version
+
+        version = distributed.on_main(publish)
         status = "FINISHED"
-        if result.stopped_because == "time budget":
-            print(f"stopped by max_minutes after epoch {result.history[-1]['epoch']} of {train_config.epochs}; "
-                  "the checkpoint is kept: --resume with a larger max_minutes continues the same schedule",
-                  file=sys.stderr)
-        else:
-            trainer.remove_checkpoint()  # a finished run needs no resume point
         return RunResult(out_dir, metrics, version, tracker.run_id if tracker else None)
     finally:
         if tracker:

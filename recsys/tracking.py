@@ -37,7 +37,12 @@ def _metric_key(name: str) -> str:
 class Tracker:
     """One MLflow run. Import of mlflow is deferred so that code paths without tracking stay fast."""
 
-    def __init__(self, experiment: str, run_name: str, tags: dict | None = None):
+    def __init__(self, experiment: str, run_name: str, tags: dict | None = None, run_id_file: Path | None = None):
+        """``run_id_file`` (beside a training run's checkpoint) records this run's id. A run that finds there the
+        id of a run that did not finish is the resumption of an interrupted one (``--resume``, or a restart under
+        ``torchrun --max-restarts``): the new run is tagged ``resumed_from`` with its id, and the interrupted run
+        is tagged ``recsys.interrupted`` and marked FAILED if it still reads RUNNING (a process killed outright
+        cannot end its run; one stopped by torchrun's SIGTERM ends it FAILED itself)."""
         import mlflow
         from mlflow import MlflowClient
 
@@ -55,10 +60,32 @@ class Tracker:
             experiment_id = self.client.create_experiment(experiment, artifact_location=location)
         else:
             experiment_id = found.experiment_id
+        tags = dict(tags or {})
+        interrupted = self._interrupted_run(run_id_file)
+        if interrupted:
+            self.client.set_tag(interrupted, "recsys.interrupted", "true")
+            if self.client.get_run(interrupted).info.status == "RUNNING":
+                self.client.set_terminated(interrupted, status="FAILED")
+            tags["resumed_from"] = interrupted
         # a run started while another is active (e.g. a distillation's parent run) is nested under it
-        self.run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags or {},
+        self.run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags,
                                     nested=mlflow.active_run() is not None)
         self.run_id = self.run.info.run_id
+        if run_id_file is not None:
+            from pipelines.atomic import atomic_write_bytes
+
+            atomic_write_bytes(Path(run_id_file), self.run_id.encode())
+
+    def _interrupted_run(self, run_id_file: Path | None) -> str | None:
+        from mlflow.exceptions import MlflowException
+
+        if run_id_file is None or not Path(run_id_file).is_file():
+            return None
+        run_id = Path(run_id_file).read_text().strip()
+        try:
+            return run_id if self.client.get_run(run_id).info.status != "FINISHED" else None
+        except MlflowException:  # a run of another store, or deleted
+            return None
 
     def log_params(self, params: dict) -> None:
         flat: dict = {}

@@ -4,7 +4,15 @@ Each model chooses its training batches (``model.train_batches``): causal models
 each sequence in one pass, look-ahead models from sampled prefix cut points, BERT4Rec from cloze maskings.
 Each epoch ends with full-ranking validation; early stopping watches validation NDCG@10 with a patience, and the
 best epoch's weights are restored at the end. A checkpoint is written atomically after every epoch and ``resume=True``
-continues from it bit for bit: batch order comes from ``(seed, epoch)`` and the torch RNG state is saved.
+continues from it bit for bit: batch order comes from ``(seed, epoch)`` and torch's RNG (dropout, sampled
+negatives) is reseeded at every epoch from ``(seed, epoch, rank)``.
+
+Under torchrun (``recsys.distributed``) the model is wrapped in DistributedDataParallel. Every rank walks the same
+global batches in the same order and takes rows ``rank, rank + world, ...`` of each, so the sequence of updates
+does not depend on the world size and every rank makes the same number of steps. DDP averages gradients over ranks,
+so each rank's loss is scaled to (its sum over its targets) / (the global batch's targets) × world: the averaged
+gradient is the one-process gradient. Validation is sharded over users (``recsys.evaluation``); checkpoints are
+written by rank 0 and read by rank 0, which sends them to the others on resume.
 """
 
 from __future__ import annotations
@@ -25,6 +33,8 @@ from tqdm import tqdm
 
 from pipelines.jagged import EvalSet, Split
 from pipelines.atomic import atomic_write_bytes
+from recsys import distributed
+from recsys.batching import SequenceBatch
 from recsys.evaluation import cutoffs, evaluate
 from recsys.models.base import SequentialModel
 
@@ -83,12 +93,6 @@ class TrainResult:
 EpochCallback = Callable[[dict], None]
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def _optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
     # parameters tagged _no_weight_decay (Mamba's A_log, D and dt bias, model-specs §3a) are never decayed
@@ -112,9 +116,42 @@ def _save_checkpoint(path: Path, state: dict) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def _load_checkpoint(path: Path) -> dict:
-    # weights_only: a checkpoint is tensors and plain containers, never arbitrary pickled objects
-    return torch.load(path, weights_only=True)
+def _load_checkpoint(path: Path) -> dict | None:
+    """Rank 0 reads the checkpoint (None when there is none) and sends it to every rank: on several machines only
+    rank 0's holds it."""
+    def read():
+        # weights_only: a checkpoint is tensors and plain containers, never arbitrary pickled objects
+        return torch.load(path, weights_only=True) if path.exists() else None
+
+    return distributed.broadcast_object(read() if distributed.is_main() else None)
+
+
+class LossForward(torch.nn.Module):
+    """``forward(batch, weight)`` is the model's training loss times ``weight``, so DistributedDataParallel (which
+    hooks ``forward``) sees every training step. DDP is not told to look for unused parameters: every model uses
+    all of its trainable parameters in each step, and one that never uses a parameter freezes it (SLMRec's
+    backbone token table); the 2-rank test of every model (tests/test_distributed.py) holds them to that."""
+
+    def __init__(self, model: SequentialModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: SequenceBatch, weight: torch.Tensor) -> torch.Tensor:
+        return self.model.loss(batch) * weight
+
+
+def deal(batch: SequenceBatch, rank: int, world: int) -> tuple[SequenceBatch, bool]:
+    """Rows ``rank, rank + world, ...`` of a global batch. A rank whose share is empty (a last batch with fewer
+    rows than ranks) gets row 0 and ``False``: it runs the step with its loss weighted by zero, so all ranks make
+    the same number of steps and DDP's all-reduce never waits for a rank that has nothing to do."""
+    if world == 1:
+        return batch, True
+    rows = torch.arange(rank, batch.items.shape[0], world)
+    real = len(rows) > 0
+    if not real:
+        rows = torch.zeros(1, dtype=torch.long)
+    pick = lambda t: None if t is None else t[rows]  # noqa: E731
+    return SequenceBatch(pick(batch.items), pick(batch.times), pick(batch.targets), pick(batch.user_idx)), real
 
 
 class Trainer:
@@ -122,7 +159,7 @@ class Trainer:
         self.config = config
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.progress = progress
-        self.device = resolve_device(config.device)
+        self.device = distributed.device_for(config.device)
 
     @property
     def checkpoint_path(self) -> Path | None:
@@ -161,8 +198,8 @@ class Trainer:
         batches = model.train_batches(split.train_users, split.train, cfg.batch_size)
         optimizer = _optimizer(model, cfg)
         best_score, best_state, bad_epochs, start_epoch, elapsed = -1.0, None, 0, 1, 0.0
-        if resume and self.checkpoint_path and self.checkpoint_path.exists():
-            state = _load_checkpoint(self.checkpoint_path)
+        state = _load_checkpoint(self.checkpoint_path) if resume and self.checkpoint_path else None
+        if state is not None:
             if state["fingerprint"] != fingerprint:
                 raise ValueError(
                     f"checkpoint {self.checkpoint_path} belongs to a run with other settings; "
@@ -173,10 +210,16 @@ class Trainer:
             best_state, best_score = state["best_model"], state["best_score"]
             bad_epochs, start_epoch, elapsed = state["bad_epochs"], state["epoch"] + 1, state["elapsed"]
             result.history, result.best_epoch = state["history"], state["best_epoch"]
-            torch.set_rng_state(state["torch_rng"])
-            print(f"resumed from {self.checkpoint_path} after epoch {state['epoch']}", file=sys.stderr)
-        else:
-            torch.manual_seed(cfg.seed)
+            if distributed.is_main():
+                print(f"resumed from {self.checkpoint_path} after epoch {state['epoch']}", file=sys.stderr)
+        # DDP sends rank 0's parameters and buffers to every rank here, so all ranks start from the same state
+        step_module = LossForward(model)
+        if distributed.world_size() > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            step_module = DistributedDataParallel(
+                step_module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                forward_sync_buffers=False)
 
         result.stopped_because = "max epochs"
         for epoch in range(start_epoch, cfg.epochs + 1):
@@ -189,7 +232,7 @@ class Trainer:
             epoch_start = time.perf_counter()
             for group in optimizer.param_groups:
                 group["lr"] = epoch_learning_rate(cfg, epoch)
-            loss = self._train_epoch(model, optimizer, batches, epoch)
+            loss = self._train_epoch(step_module, optimizer, batches, epoch)
             train_time = time.perf_counter() - epoch_start
             valid = self._evaluate(model, valid_set, num_items, exclude_seen)
             elapsed += time.perf_counter() - epoch_start
@@ -205,12 +248,14 @@ class Trainer:
             if on_epoch:
                 on_epoch(record)
             if self.checkpoint_path:
-                _save_checkpoint(self.checkpoint_path, {
+                # the RNG needs no saving: every epoch reseeds it from (seed, epoch, rank)
+                checkpoint = {
                     "fingerprint": fingerprint, "epoch": epoch, "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(), "best_model": best_state, "best_score": best_score,
                     "best_epoch": result.best_epoch, "bad_epochs": bad_epochs, "elapsed": elapsed,
-                    "history": result.history, "torch_rng": torch.get_rng_state(),
-                })
+                    "history": result.history, "world_size": distributed.world_size(),
+                }
+                distributed.on_main(lambda: _save_checkpoint(self.checkpoint_path, checkpoint))
         else:
             if bad_epochs >= cfg.patience:
                 result.stopped_because = "early stopping"
@@ -225,33 +270,48 @@ class Trainer:
                         batch_size=self.config.eval_batch_size, device=self.device)
 
     def remove_checkpoint(self) -> None:
-        """Called once the bundle is written: a finished run needs no resume point."""
-        if self.checkpoint_path and self.checkpoint_path.exists():
-            self.checkpoint_path.unlink()
-            try:
-                self.checkpoint_dir.rmdir()
-            except OSError:
-                pass
+        """Called (on rank 0) once the bundle is written: a finished run needs no resume point (nor the MLflow run
+        id that recsys.tracking keeps beside it)."""
+        if not self.checkpoint_dir:
+            return
+        for name in ("last.pt", "mlflow_run_id"):
+            (self.checkpoint_dir / name).unlink(missing_ok=True)
+        try:
+            self.checkpoint_dir.rmdir()
+        except OSError:
+            pass
 
-    def _train_epoch(self, model, optimizer, batches, epoch: int) -> float:
-        model.train()
+    def _train_epoch(self, step_module, optimizer, batches, epoch: int) -> float:
+        """One pass over the global batches; returns the mean training loss over every target of the epoch."""
+        step_module.train()
+        rank, world = distributed.rank(), distributed.world_size()
+        torch.manual_seed(distributed.epoch_seed(self.config.seed, epoch, rank))
         rng = np.random.default_rng([self.config.seed, epoch])
-        total_loss, total_targets = 0.0, 0
+        params = [p for p in step_module.parameters() if p.requires_grad]
+        loss_sum, total_targets = 0.0, 0  # this rank's share; all-reduced once at the end of the epoch
         start = time.perf_counter()
         bar = tqdm(batches.epoch(rng), total=len(batches), desc=f"epoch {epoch}", leave=False,
-                   disable=not self.progress, mininterval=1.0, file=sys.stderr)
-        for batch in bar:
+                   disable=not self.progress or not distributed.is_main(), mininterval=1.0, file=sys.stderr)
+        for global_batch in bar:
+            batch, real = deal(global_batch, rank, world)
             batch = batch.to(self.device)
+            n_global = int((global_batch.targets != 0).sum())
+            n_local = int((batch.targets != 0).sum()) if real else 0
+            # loss = (local mean × local targets) / global targets × world; DDP's mean over ranks then gives the
+            # one-process mean over the global batch
+            weight = torch.tensor(n_local * world / max(n_global, 1), device=self.device)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16"):
-                loss = model.loss(batch)
+                loss = step_module(batch, weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if self.config.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), self.config.grad_clip)
+                torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
             optimizer.step()
-            n = int((batch.targets != 0).sum())
-            total_loss += loss.item() * n
-            total_targets += n
-            bar.set_postfix(loss=f"{total_loss / max(total_targets, 1):.4f}",
-                            targets_per_s=f"{total_targets / (time.perf_counter() - start):.0f}", refresh=False)
-        return total_loss / max(total_targets, 1)
+            if n_local:
+                loss_sum += loss.item() * n_global / world
+            total_targets += n_local
+            bar.set_postfix(loss=f"{loss_sum / max(total_targets, 1):.4f}",
+                            targets_per_s=f"{total_targets * world / (time.perf_counter() - start):.0f}",
+                            refresh=False)
+        loss_sum, total_targets = distributed.all_reduce_array(np.array([loss_sum, total_targets], np.float64))
+        return float(loss_sum / max(total_targets, 1))

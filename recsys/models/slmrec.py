@@ -196,6 +196,9 @@ class SLMRec(SequentialModel):
             config = config.model_copy(update={"item_dim": config.hidden_size})
         super().__init__(config, num_items)
         self.backbone = build_backbone(config)
+        # items enter as inputs_embeds, so the backbone's token table is never used: frozen, it stays out of the
+        # optimizer and out of DistributedDataParallel's gradient reduction
+        self.backbone.get_input_embeddings().requires_grad_(False)
         hidden = self.backbone.config.hidden_size
         if table is not None:
             # frozen (never a parameter, so never in the optimizer) but saved with the weights: the bundle is
