@@ -96,7 +96,8 @@ def evaluate(
     """Full-ranking metrics of ``model`` on ``eval_set``; the result records ``exclude_seen`` and the user count.
     Under torchrun each rank evaluates its share of the users and every rank returns the figures of all of them."""
     if distributed.world_size() > 1:
-        eval_set = eval_set.take(np.argsort(eval_set.history.lengths(), kind="stable")[distributed.shard(len(eval_set))])
+        by_length = np.argsort(eval_set.history.lengths(), kind="stable")  # so each rank gets a like share of work
+        eval_set = eval_set.take(by_length[distributed.shard(len(eval_set))])
     was_training = model.training
     model.eval()
     max_k = max(ks)
