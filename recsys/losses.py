@@ -6,10 +6,13 @@ padding, never a valid class), plus the items of each row's sequence for losses 
 
 from __future__ import annotations
 
-from typing import ClassVar
+import math
+from typing import ClassVar, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from kernels import linear_cross_entropy
 
@@ -29,6 +32,11 @@ class SequenceLoss:
     @classmethod
     def from_config(cls, config) -> "SequenceLoss":
         return cls()
+
+    def prepare(self, item_counts: np.ndarray) -> None:
+        """Called once before training (``SequentialModel.prepare_training``, from ``Trainer.fit``) with
+        ``item_counts`` (V+1,): how often each item is a target in the TRAINING split (index 0 = padding, 0).
+        Losses that sample by popularity or correct for sampling bias keep what they need; most need nothing."""
 
     def __call__(
         self,
@@ -93,6 +101,176 @@ class BCEWithNegatives(SequenceLoss):
         pos_loss = F.binary_cross_entropy_with_logits(pos_logit, torch.ones_like(pos_logit), reduction="none")
         neg_loss = F.binary_cross_entropy_with_logits(neg_logit, torch.zeros_like(neg_logit), reduction="none")
         return (pos_loss + neg_loss.sum(-1)).mean()
+
+@register_loss
+class SampledSoftmax(SequenceLoss):
+    """Sampled softmax with logQ correction over in-batch positives and shared negatives.
+
+    Yi et al., "Sampling-Bias-Corrected Neural Modeling for Large Corpus Item Recommendations" (RecSys 2019),
+    Eq. (3): the batch softmax uses the corrected logit s^c(x_i, y_j) = s(x_i, y_j) − log p_j, where p_j is the
+    probability that item j is among the sampled candidates; without it, popular items (which appear as in-batch
+    negatives far more often) are over-penalised. The shared negatives follow "Mixed Negative Sampling" (Yang et al.,
+    WWW 2020 companion): the candidates of every row are the N in-batch positives (the targets of all supervised
+    rows, the row's own included) plus K negatives drawn once per batch, shared by all rows, uniformly or by
+    popularity, with replacement.
+
+    How the two sources are combined. The candidate columns form a multiset drawn from a mixture: N draws from
+    the training-target distribution p_t(j) = c_j / Σc (in-batch positives are training targets) and K draws from
+    the negative sampler q_n(j) (uniform: 1/V; popularity: (c_j + 1)^α / Σ(c + 1)^α, the +1 so an item never seen as
+    a training target can still be sampled and its Q is never 0). The expected number of columns holding item j is
+    therefore E_j = N·p_t(j) + K·q_n(j), and every candidate logit, the positive's included, is corrected by
+    −log E_j (the sampled-softmax correction of Jean et al. 2015 / Bengio & Senécal 2008 with K·Q(j) the expected
+    count of j among K draws; a constant factor cancels in the softmax, but the mixture of two sources with
+    different sizes N and K does not, so the counts, not the probabilities, are what is subtracted).
+    With ``in_batch=False`` the candidates are the row's positive plus the K shared negatives and E_j = K·q_n(j):
+    with uniform negatives the correction is the constant log(K/V), so sampling the whole catalogue once gives
+    exactly the full softmax. ``logq=False`` drops the correction (plain sampled softmax, for comparison).
+
+    Accidental hits: any candidate column holding the row's own positive item (another row's identical target, or
+    a shared negative that happens to be it) is masked to −inf, except the positive itself (column 0 without
+    in-batch candidates, the row's own diagonal column with them).
+
+    c_j are the training split's target counts given to ``prepare`` (never valid/test targets). Random draws use
+    torch's global RNG on the hidden states' device. Returns the mean over rows, as the other losses do.
+    In-batch draws are only approximately i.i.d. from p_t (a batch holds whole sequences), as in the paper.
+    """
+
+    name = "sampled_softmax"
+
+    def __init__(self, num_negatives: int = 256, sampling: str = "uniform", alpha: float = 0.75,
+                 logq: bool = True, in_batch: bool = True):
+        if sampling not in ("uniform", "popularity"):
+            raise ValueError(f"negative_sampling must be 'uniform' or 'popularity', got {sampling!r}")
+        if num_negatives < 0 or (num_negatives == 0 and not in_batch):
+            raise ValueError("sampled_softmax needs in-batch candidates or at least one shared negative")
+        self.num_negatives = num_negatives
+        self.sampling = sampling
+        self.alpha = alpha
+        self.logq = logq
+        self.in_batch = in_batch
+        self.item_counts: np.ndarray | None = None
+        self._tables: dict = {}
+
+    @classmethod
+    def from_config(cls, config) -> "SampledSoftmax":
+        return cls(num_negatives=config.num_negatives, sampling=config.negative_sampling,
+                   alpha=config.popularity_alpha, logq=config.logq, in_batch=config.in_batch_negatives)
+
+    def prepare(self, item_counts: np.ndarray) -> None:
+        counts = np.asarray(item_counts, dtype=np.float64).copy()
+        counts[0] = 0.0
+        self.item_counts = counts
+        self._tables = {}
+
+    def _needs_counts(self) -> bool:
+        return self.sampling == "popularity" or (self.in_batch and self.logq)
+
+    def distributions(self, num_items: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(p_t, q_n, cdf): the training-target distribution and the negative sampler's distribution, both (V+1,)
+        float64 with index 0 (padding) at 0, and the sampler's CDF over items 1..V (None when uniform)."""
+        key = (num_items, str(device))
+        if key not in self._tables:
+            if self.item_counts is None:
+                if self._needs_counts():
+                    raise RuntimeError("sampled_softmax needs the training split's item counts: call "
+                                       "prepare(item_counts) (SequentialModel.prepare_training does) before training")
+                counts = np.zeros(num_items + 1)
+            else:
+                counts = self.item_counts
+                if len(counts) != num_items + 1:
+                    raise ValueError(f"prepare() got counts for {len(counts) - 1} items, the item table has {num_items}")
+            total = counts.sum()
+            p_t = counts / total if total > 0 else np.zeros_like(counts)
+            if self.sampling == "uniform":
+                q_n = np.full(num_items + 1, 1.0 / num_items)
+            else:
+                q_n = (counts + 1.0) ** self.alpha
+            q_n[0] = 0.0
+            q_n = q_n / q_n.sum()
+            p_t, q_n = (torch.from_numpy(x).to(device) for x in (p_t, q_n))
+            cdf = torch.cumsum(q_n[1:], 0) if self.sampling == "popularity" else None
+            self._tables[key] = (p_t, q_n, cdf)
+        return self._tables[key]
+
+    def sample_negatives(self, num_items: int, device) -> torch.Tensor:
+        """K item ids in 1..V, i.i.d. from the negative sampler (torch's global RNG), shared by the whole batch."""
+        if self.sampling == "uniform":
+            return torch.randint(1, num_items + 1, (self.num_negatives,), device=device)
+        _, _, cdf = self.distributions(num_items, device)
+        u = torch.rand(self.num_negatives, dtype=torch.float64, device=device) * cdf[-1]
+        return torch.searchsorted(cdf, u, right=True).clamp_(max=num_items - 1) + 1
+
+    def log_expected_count(self, items: torch.Tensor, num_rows: int, num_items: int) -> torch.Tensor:
+        """log E_j = log(N·p_t(j) + K·q_n(j)) for ``items`` (any shape), N = in-batch candidates (0 without them)."""
+        p_t, q_n, _ = self.distributions(num_items, items.device)
+        expected = (num_rows if self.in_batch else 0) * p_t[items] + self.num_negatives * q_n[items]
+        return torch.log(expected.clamp_min(1e-30)).float()
+
+    def logits(self, hidden, targets, item_table, negatives):
+        """The corrected, masked logits (N, C) and the column of each row's positive (N,).
+
+        Columns: with in-batch candidates, [targets of all N rows | K negatives] (row r's positive is column r);
+        without, [row's positive | K negatives] (positive in column 0)."""
+        num_items = item_table.shape[0] - 1
+        n = targets.shape[0]
+        if self.in_batch:
+            candidates = torch.cat([targets, negatives])
+            logits = (hidden @ item_table[candidates].T).float()
+            labels = torch.arange(n, device=targets.device)
+            hits = candidates[None, :] == targets[:, None]
+            hits[labels, labels] = False
+        else:
+            candidates = torch.cat([targets, negatives])  # only for the correction below
+            pos = (hidden * item_table[targets]).sum(-1, keepdim=True)
+            neg = hidden @ item_table[negatives].T
+            logits = torch.cat([pos, neg], dim=1).float()
+            labels = torch.zeros(n, dtype=torch.long, device=targets.device)
+            hits = torch.cat([torch.zeros(n, 1, dtype=torch.bool, device=targets.device),
+                              negatives[None, :] == targets[:, None]], dim=1)
+        if self.logq:
+            correction = self.log_expected_count(candidates, n, num_items)
+            if not self.in_batch:
+                # column 0 of row r is targets[r]: a per-row correction, then the shared negatives' one
+                correction = torch.cat([correction[:n, None], correction[None, n:].expand(n, -1)], dim=1)
+            logits = logits - correction
+        return logits.masked_fill(hits, float("-inf")), labels
+
+    def __call__(self, hidden, targets, item_table, row_items=None):
+        if hidden.shape[0] == 0:
+            return hidden.sum() * 0.0 + item_table.sum() * 0.0
+        negatives = self.sample_negatives(item_table.shape[0] - 1, hidden.device)
+        logits, labels = self.logits(hidden, targets, item_table, negatives)
+        return F.cross_entropy(logits, labels)
+
+
+class LossSettings(BaseModel):
+    """The loss fields of every model config whose model builds its loss with ``build_loss`` (mixed into
+    SASRec's, GRU4Rec's, Mamba4Rec's and TiM4Rec's configs)."""
+
+    model_config = ConfigDict(extra="forbid")
+    loss: Literal["ce", "bce", "sampled_softmax"] = "ce"
+    # bce: negatives per target; sampled_softmax: negatives shared by the batch. None: 256 for sampled_softmax, else 1.
+    num_negatives: int | None = Field(None, ge=0)
+    negative_sampling: Literal["uniform", "popularity"] = "uniform"  # sampled_softmax's shared negatives
+    popularity_alpha: float = Field(0.75, ge=0)  # popularity sampling ∝ (training count + 1)^alpha
+    logq: bool = True  # sampled_softmax: subtract log expected count (Yi et al. 2019)
+    in_batch_negatives: bool = True  # sampled_softmax: the other rows' targets are candidates too
+
+    @model_validator(mode="after")
+    def _default_negatives(self):
+        if self.num_negatives is None:
+            self.num_negatives = 256 if self.loss == "sampled_softmax" else 1
+        return self
+
+
+def training_target_counts(train, num_items: int) -> np.ndarray:
+    """(V+1,) how often each item is a training target: every event of ``train`` (a Jagged split) but each
+    sequence's first, which is never a target."""
+    counts = np.bincount(np.asarray(train.items, dtype=np.int64), minlength=num_items + 1)
+    lengths = np.asarray(train.lengths())
+    firsts = np.asarray(train.offsets[:-1])[lengths > 0]
+    counts -= np.bincount(np.asarray(train.items, dtype=np.int64)[firsts], minlength=num_items + 1)
+    return counts[: num_items + 1]
 
 
 def build_loss(config) -> SequenceLoss:

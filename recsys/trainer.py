@@ -195,6 +195,7 @@ class Trainer:
                 on_epoch(result.history[-1])
             return result
 
+        model.prepare_training(split.train)  # training-split item counts for sampled losses (no valid/test targets)
         batches = model.train_batches(split.train_users, split.train, cfg.batch_size)
         optimizer = _optimizer(model, cfg)
         best_score, best_state, bad_epochs, start_epoch, elapsed = -1.0, None, 0, 1, 0.0

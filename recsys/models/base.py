@@ -73,6 +73,17 @@ class SequentialModel(nn.Module):
         top_scores, top = scores.topk(min(k, scores.shape[1]), dim=1)
         return top + 1, top_scores
 
+    def prepare_training(self, train: Jagged) -> None:
+        """Called by ``Trainer.fit`` once before training with the TRAINING split only (never valid/test targets):
+        hands the loss the training-target counts per item (``SequenceLoss.prepare``), which sampled losses need
+        for popularity sampling and the logQ correction. Nothing is stored in the state dict: it is recomputed
+        from the split on every fit (and on resume)."""
+        loss_fn = getattr(self, "loss_fn", None)
+        if loss_fn is not None and hasattr(loss_fn, "prepare"):
+            from recsys.losses import training_target_counts
+
+            loss_fn.prepare(training_target_counts(train, self.num_items))
+
     def train_batches(self, users: np.ndarray, train: Jagged, batch_size: int):
         """The training batches this model learns from: an object with ``epoch(rng)`` yielding SequenceBatches
         and ``__len__``. Causal models train on every position at once; models that look ahead override this."""

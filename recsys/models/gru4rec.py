@@ -16,22 +16,19 @@ change a score.
 
 from __future__ import annotations
 
-from typing import Literal
 
 import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from recsys.losses import build_loss, supervised_loss
+from recsys.losses import LossSettings, build_loss, supervised_loss
 from recsys.models.base import ModelConfig, SequentialModel, register
 
 
-class GRU4RecConfig(ModelConfig):
+class GRU4RecConfig(LossSettings, ModelConfig):
     hidden_size: int = 64
     num_layers: int = 1
     dropout: float = 0.2
-    loss: Literal["ce", "bce"] = "ce"
-    num_negatives: int = 1
     output_projection: bool = True
 
 

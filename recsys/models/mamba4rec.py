@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels import causal_conv1d, selective_scan
-from recsys.losses import build_loss, supervised_loss
+from recsys.losses import LossSettings, build_loss, supervised_loss
 from recsys.models.base import ModelConfig, SequentialModel, register
 
 Backend = Literal["auto", "reference", "torch", "triton", "cpu"]
@@ -167,7 +167,7 @@ def init_mamba4rec_weights(model: nn.Module) -> None:
             nn.init.zeros_(module.bias)
 
 
-class Mamba4RecConfig(ModelConfig):
+class Mamba4RecConfig(LossSettings, ModelConfig):
     # defaults: model-specs §4 (chengkai-liu/Mamba4Rec config.yaml); max_len 50 as on Amazon
     hidden_size: int = 64
     num_layers: int = 1
@@ -176,8 +176,6 @@ class Mamba4RecConfig(ModelConfig):
     expand: int = 2
     dt_rank: int | None = None  # None: ⌈hidden_size / 16⌉
     dropout: float = 0.2
-    loss: Literal["ce", "bce"] = "ce"
-    num_negatives: int = 1
     backend: Backend = "auto"
 
 

@@ -12,20 +12,17 @@ import math
 
 import torch
 from torch import nn
-from typing import Literal
 
 from kernels import attention
-from recsys.losses import build_loss, supervised_loss
+from recsys.losses import LossSettings, build_loss, supervised_loss
 from recsys.models.base import left_pad_positions, ModelConfig, SequentialModel, register
 
 
-class SASRecConfig(ModelConfig):
+class SASRecConfig(LossSettings, ModelConfig):
     hidden_size: int = 64
     num_blocks: int = 2
     num_heads: int = 1
     dropout: float = 0.5
-    loss: Literal["ce", "bce"] = "ce"
-    num_negatives: int = 1
 
 
 class CausalSelfAttention(nn.Module):

@@ -81,12 +81,12 @@ from torch import nn
 
 from kernels import causal_conv1d, ssd
 from recsys.batching import LastPositionTrainBatches, SequenceBatch
-from recsys.losses import build_loss, last_position_loss
+from recsys.losses import LossSettings, build_loss, last_position_loss
 from recsys.models.base import ModelConfig, SequentialModel, register
 from recsys.models.mamba4rec import Backend, conv_backend
 
 
-class TiM4RecConfig(ModelConfig):
+class TiM4RecConfig(LossSettings, ModelConfig):
     """Defaults: the Amazon-Beauty 64-d config of the reference (``config/config4beauty_64d.yaml``; model-specs §5)."""
 
     max_len: int = 50
@@ -108,8 +108,6 @@ class TiM4RecConfig(ModelConfig):
     kaiming_init: bool = False  # the reference's ``is_kai_ming_init`` (on for ML-1M 64-d)
     dt_min: float = 1e-3
     dt_max: float = 1e-1
-    loss: Literal["ce", "bce"] = "ce"
-    num_negatives: int = 1
     prefix_fraction: float = Field(1.0, gt=0.0, le=1.0)  # share of the prefix cut points trained on per epoch
     backend: Backend = "auto"
 
