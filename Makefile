@@ -11,6 +11,10 @@ RAW_DIR ?=
 SET ?=
 MODEL_URI ?=
 BUNDLE ?=
+# NPROC=N runs make eval as N ranks of one torchrun job on this machine (docs/scaling.md); THREADS: threads per rank
+NPROC ?=
+THREADS ?=
+RECSYS_JOB = $(if $(NPROC),$(VENV)/bin/torchrun --nproc-per-node $(NPROC) -m recsys,$(VENV)/bin/recsys)
 
 .PHONY: setup test test-slow test-triton eval serve mlflow-ui bench bench-kernels bench-kernels-gpu bench-serving bench-generative lint clean
 
@@ -37,7 +41,7 @@ test-triton: $(STAMP)
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -m triton
 
 eval: $(STAMP)
-	$(VENV)/bin/recsys report --dataset $(DATASET) --models $(MODELS) \
+	$(RECSYS_JOB) report --dataset $(DATASET) --models $(MODELS) $(if $(THREADS),--threads $(THREADS)) \
 		$(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(RAW_DIR),--raw-dir $(RAW_DIR)) $(foreach s,$(SET),--set $(s))
 
 serve: $(STAMP)

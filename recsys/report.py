@@ -173,7 +173,8 @@ def run_report(dataset: str, models: list[str], *, raw_dir=None, data_root=None,
     registered: dict[str, str] = {}  # report row → the registry model its version belongs to
     notes: list[str] = []
     for name in models:
-        print(f"== training {name} on {dataset}", file=sys.stderr)
+        if distributed.is_main():
+            print(f"== training {name} on {dataset}", file=sys.stderr)
         own = settings[name]
         if name == DISTILL:
             runs, figures = distilled_results(ds, own, results, epochs=epochs, seed=seed, track=track,
