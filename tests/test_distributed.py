@@ -174,13 +174,14 @@ def test_a_rank_killed_mid_run_restarts_and_ends_as_an_uninterrupted_run(small_d
 
 def test_every_gradient_trained_model_trains_under_two_ranks(small_dataset, tmp_path):
     """One epoch of each gradient-trained model (the SLMRec distillation recipe included: SASRec table, teacher,
-    student) as a 2-rank report: DDP never meets a parameter without a gradient, rank 0 alone writes the report and
-    the registry versions, and every rank finishes."""
+    student; Mamba4Rec on the sampled softmax with logQ) as a 2-rank report: DDP never meets a parameter without a
+    gradient, rank 0 alone writes the report and the registry versions, and every rank finishes."""
     tiny_tiger = [f"tiger.{k}={v}" for k, v in {"codebook_size": 16, "d_model": 32, "num_heads": 2, "head_dim": 16,
                                                   "d_ff": 64, "num_encoder_layers": 1, "num_decoder_layers": 1}.items()]
     models = ["pop", "sasrec", "gru4rec", "bert4rec", "mamba4rec", "sigma", "tim4rec", "tiger", "slmrec-distill"]
     done = torchrun("report", "--dataset", str(small_dataset), "--models", *models, "--epochs", "1", "--threads", "1",
                     "--set", "max_len=10", "--set", "sasrec.hidden_size=16", "--set", "slmrec-distill.teacher_layers=4",
+                    "--set", "mamba4rec.loss=sampled_softmax", "--set", "mamba4rec.negative_sampling=popularity",
                     *[a for s in tiny_tiger for a in ("--set", s)], cwd=tmp_path)
     assert done.stdout.count("# Evaluation on") == 1  # rank 0 alone prints the report
     report = next((tmp_path / "reports").glob("synthetic-*/eval.csv")).read_text()
