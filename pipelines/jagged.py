@@ -7,6 +7,7 @@ a dataset of millions of events never becomes millions of small Python objects o
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -86,6 +87,16 @@ class Jagged:
         """(item, time) at ``positions[i]`` inside row ``i``."""
         index = self.offsets[:-1] + np.asarray(positions, dtype=np.int64)
         return self.items[index], self.times[index]
+
+
+def content_hash(sequences: Jagged, num_items: int) -> str:
+    """sha256 of exactly what models see: the jagged sequences and the catalogue size (the manifest's
+    ``content_hash``). Hashes the arrays' memory in place, so a memory-mapped dataset is not copied."""
+    digest = hashlib.sha256()
+    digest.update(np.int64(num_items).tobytes())
+    for array in (sequences.offsets, sequences.items, sequences.times):
+        digest.update(memoryview(array))  # Jagged arrays are C-contiguous (see __post_init__)
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
