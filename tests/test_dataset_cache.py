@@ -188,3 +188,40 @@ def test_concurrent_first_loads_write_one_valid_cache(dataset):
     assert sorted(p.name for p in cache_path(dataset).parent.iterdir()) == ["sequences.arrow", "sequences.arrow.lock"]
     _assert_same_as_parquet(load_dataset(dataset))
     assert os.path.getsize(cache_path(dataset)) > 0
+
+
+def _reference_prefix(sequences: Jagged, lengths: np.ndarray) -> Jagged:
+    rows = [sequences.row(i) for i in range(len(sequences))]
+    items = [r[0][:n] for r, n in zip(rows, lengths)]
+    times = [r[1][:n] for r, n in zip(rows, lengths)]
+    return Jagged.from_lengths(np.asarray(lengths), np.concatenate(items or [np.zeros(0, np.int32)]),
+                               np.concatenate(times or [np.zeros(0, np.int64)]))
+
+
+def test_prefix_and_take_match_a_per_row_reference_and_share_whole_arrays():
+    rng = np.random.default_rng(0)
+    row_lengths = rng.integers(0, 6, 50)
+    sequences = Jagged.from_lengths(row_lengths, rng.integers(1, 99, row_lengths.sum()).astype(np.int32),
+                                    np.arange(row_lengths.sum(), dtype=np.int64))
+    for lengths in (rng.integers(0, row_lengths + 1), np.zeros_like(row_lengths), np.maximum(row_lengths - 1, 0)):
+        got, want = sequences.prefix(lengths), _reference_prefix(sequences, lengths)
+        assert all(np.array_equal(a, b) for a, b in zip((got.offsets, got.items, got.times),
+                                                        (want.offsets, want.items, want.times)))
+    assert sequences.prefix(row_lengths) is sequences
+    assert sequences.take(np.arange(len(sequences))) is sequences
+    assert sequences.take(np.ones(len(sequences), bool)) is sequences
+    assert np.array_equal(sequences.take(np.arange(len(sequences))[::-1]).row(0)[0], sequences.row(49)[0])
+    assert Jagged.empty().prefix(np.zeros(0, np.int64)) is not None
+
+
+@pytest.mark.parametrize("kind", ["loo", "temporal"])
+def test_split_of_the_mapped_dataset_equals_the_split_of_the_decode(dataset, kind):
+    mapped, own = load_dataset(dataset).split(kind), load_dataset(dataset, mmap_cache=False).split(kind)
+    assert np.array_equal(mapped.train_users, own.train_users)
+    for a, b in [(mapped.train, own.train), (mapped.valid.history, own.valid.history),
+                 (mapped.test.history, own.test.history)]:
+        assert all(np.array_equal(x, y) for x, y in zip((a.offsets, a.items, a.times), (b.offsets, b.items, b.times)))
+    for a, b in [(mapped.valid, own.valid), (mapped.test, own.test)]:
+        assert np.array_equal(a.target, b.target) and np.array_equal(a.user_idx, b.user_idx)
+    if kind == "loo":  # the k-core keeps >= 5 events per user, so all are evaluated: one shared copy
+        assert mapped.valid.history is mapped.train
