@@ -89,6 +89,7 @@ def load_dataset(path: str | Path, *, mmap_cache: bool = True) -> ProcessedDatas
         user_idx, sequences = load_cached_sequences(path, manifest, lambda: read_sequences(path))
     else:
         user_idx, sequences = read_sequences(path)
+        pa.default_memory_pool().release_unused()  # the Parquet decode's freed buffers (see sequence_cache)
     return ProcessedDataset(
         path=path,
         manifest=manifest,

@@ -145,4 +145,10 @@ def load_cached_sequences(dataset_dir: str | Path, manifest: dict, decode: Calla
                       "decoded copy", stacklevel=3)
         return decoded if decoded is not None else decode()
     cached = open_sequence_cache(dataset_dir, expected, num_items)
-    return cached if cached is not None else decoded
+    if cached is None:
+        return decoded
+    # Give the decode's memory back to the OS now: Arrow's allocator otherwise keeps the freed Parquet buffers,
+    # and the rank that wrote the cache would hold a private copy's worth of memory for nothing.
+    del decoded
+    pa.default_memory_pool().release_unused()
+    return cached
