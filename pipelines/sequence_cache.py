@@ -72,6 +72,7 @@ def write_sequence_cache(dataset_dir: str | Path, user_idx: np.ndarray, sequence
             writer.write_batch(batch)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; the Parquet files beside it are world-readable
     return path
 
 
@@ -144,11 +145,10 @@ def load_cached_sequences(dataset_dir: str | Path, manifest: dict, decode: Calla
         warnings.warn(f"cannot write the sequence cache of {dataset_dir} ({error}); every process keeps its own "
                       "decoded copy", stacklevel=3)
         return decoded if decoded is not None else decode()
-    cached = open_sequence_cache(dataset_dir, expected, num_items)
-    if cached is None:
-        return decoded
-    # Give the decode's memory back to the OS now: Arrow's allocator otherwise keeps the freed Parquet buffers,
-    # and the rank that wrote the cache would hold a private copy's worth of memory for nothing.
+    # Drop the decode before mapping the file (the writer's peak stays that of the decode alone) and give its memory
+    # back to the OS: Arrow's allocator otherwise keeps the freed Parquet buffers, and the rank that wrote the cache
+    # would hold a private copy's worth of memory for nothing.
     del decoded
     pa.default_memory_pool().release_unused()
-    return cached
+    cached = open_sequence_cache(dataset_dir, expected, num_items)
+    return cached if cached is not None else decode()  # only if the file changed under us since it was written
