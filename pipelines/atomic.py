@@ -34,12 +34,14 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
 
 
 @contextmanager
-def atomic_file(path: str | Path) -> Iterator[Path]:
+def atomic_file(path: str | Path, *, make_parents: bool = True) -> Iterator[Path]:
     """Yield a temporary file path beside ``path`` for a writer (this process or another, a compiler say); on
     success it replaces ``path`` in one rename. On any exception the temporary file is removed and ``path`` is left
-    as it was."""
+    as it was. ``make_parents=False`` fails instead of creating a missing parent directory (a derived file inside
+    a dataset directory must never recreate a directory that a rebuild has just moved away)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if make_parents:
+        path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     os.close(fd)
     try:

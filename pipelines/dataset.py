@@ -7,12 +7,13 @@ Layout of ``data/processed/<name>/``:
   fields, popularity (interaction count);
 - ``users.parquet``: user_idx int32, user_id (external);
 - ``manifest.json``: schema version, source files and sha256, every setting, counts, content hash.
-  It is written last, inside an atomic directory swap: a directory without it is not a dataset.
+  It is written last, inside an atomic directory swap: a directory without it is not a dataset;
+- ``cache/sequences.arrow``: derived, not part of the contract: ``sequences.parquet`` as a memory-mappable
+  Arrow IPC file, validated against the content hash before every use (``pipelines.sequence_cache``).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,20 +24,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .cleaning import CleanLog
-from .jagged import Jagged, Split
+from .jagged import Jagged, Split, content_hash
+from .sequence_cache import load_cached_sequences, write_sequence_cache
 from .splits import leave_one_out_split, temporal_split
 
 SCHEMA_VERSION = 1
 SPLITS = ("loo", "temporal")
-
-
-def content_hash(sequences: Jagged, num_items: int) -> str:
-    """sha256 of exactly what models see: the jagged sequences and the catalogue size."""
-    digest = hashlib.sha256()
-    digest.update(np.int64(num_items).tobytes())
-    for array in (sequences.offsets, sequences.items, sequences.times):
-        digest.update(np.ascontiguousarray(array).tobytes())
-    return digest.hexdigest()
 
 
 @dataclass
@@ -78,7 +71,11 @@ class ProcessedDataset:
         raise ValueError(f"unknown split {kind!r}; expected one of {SPLITS}")
 
 
-def load_dataset(path: str | Path) -> ProcessedDataset:
+def load_dataset(path: str | Path, *, mmap_cache: bool = True) -> ProcessedDataset:
+    """Read a processed dataset. With ``mmap_cache`` (the default) the sequences come from the memory-mapped Arrow
+    cache (``pipelines.sequence_cache``; written on first use), so the processes of one machine share one copy and
+    ``user_idx``/``sequences`` are read-only views; ``mmap_cache=False`` decodes ``sequences.parquet`` into this
+    process's own (writable) arrays."""
     path = Path(path)
     manifest_path = path / "manifest.json"
     if not manifest_path.is_file():
@@ -88,20 +85,30 @@ def load_dataset(path: str | Path) -> ProcessedDataset:
     if manifest.get("schema_version") != SCHEMA_VERSION:
         raise ValueError(f"{path} has dataset schema {manifest.get('schema_version')}, this code reads "
                          f"{SCHEMA_VERSION}; rebuild it with `recsys data build --force`")
-    table = pq.read_table(path / "sequences.parquet")
+    if mmap_cache:
+        user_idx, sequences = load_cached_sequences(path, manifest, lambda: read_sequences(path))
+    else:
+        user_idx, sequences = read_sequences(path)
+        pa.default_memory_pool().release_unused()  # the Parquet decode's freed buffers (see sequence_cache)
+    return ProcessedDataset(
+        path=path,
+        manifest=manifest,
+        user_idx=user_idx,
+        sequences=sequences,
+        items=pd.read_parquet(path / "items.parquet"),
+    )
+
+
+def read_sequences(path: str | Path) -> tuple[np.ndarray, Jagged]:
+    """Decode ``sequences.parquet`` into (user_idx int32, Jagged) arrays owned by this process."""
+    table = pq.read_table(Path(path) / "sequences.parquet")
     items_col = table.column("items").combine_chunks()
     times_col = table.column("timestamps").combine_chunks()
     offsets = items_col.offsets.to_numpy().astype(np.int64)
     base = offsets[0]
     sequences = Jagged(offsets - base, items_col.values.to_numpy()[base:offsets[-1]],
                        times_col.values.to_numpy()[base:offsets[-1]])
-    return ProcessedDataset(
-        path=path,
-        manifest=manifest,
-        user_idx=table.column("user_idx").to_numpy().astype(np.int32),
-        sequences=sequences,
-        items=pd.read_parquet(path / "items.parquet"),
-    )
+    return table.column("user_idx").to_numpy().astype(np.int32), sequences
 
 
 def sequences_from_log(log: CleanLog) -> tuple[np.ndarray, Jagged]:
@@ -145,6 +152,8 @@ def write_dataset(directory: Path, log: CleanLog, text: pd.DataFrame | None, man
         "items": list_type.from_arrays(offsets, pa.array(sequences.items, pa.int32())),
         "timestamps": list_type.from_arrays(offsets, pa.array(sequences.times, pa.int64())),
     }), directory / "sequences.parquet")
+    digest = content_hash(sequences, log.num_items)
+    write_sequence_cache(directory, user_idx, sequences, digest)  # derived; loads would write it otherwise
     item_table(log, text).to_parquet(directory / "items.parquet", index=False)
     pd.DataFrame({"user_idx": user_idx, "user_id": pd.array(log.user_ids, dtype="string")}).to_parquet(
         directory / "users.parquet", index=False)
@@ -154,7 +163,7 @@ def write_dataset(directory: Path, log: CleanLog, text: pd.DataFrame | None, man
         "counts": {"users": log.num_users, "items": log.num_items, "interactions": int(len(log.item_idx)),
                    "has_repeats": bool(log.stats["has_repeats"])},
         "cleaning_stats": log.stats,
-        "content_hash": content_hash(sequences, log.num_items),
+        "content_hash": digest,
     }
     (directory / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest

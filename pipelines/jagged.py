@@ -7,6 +7,7 @@ a dataset of millions of events never becomes millions of small Python objects o
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,10 +63,14 @@ class Jagged:
         return np.arange(len(self.items), dtype=np.int64) - np.repeat(self.offsets[:-1], self.lengths())
 
     def take(self, rows: np.ndarray) -> "Jagged":
+        """The rows at ``rows`` (indices or a boolean mask), in that order; ``self`` itself when that is every row
+        in order."""
         rows = np.asarray(rows)
         if rows.dtype == bool:
             rows = np.flatnonzero(rows)
         rows = rows.astype(np.int64, copy=False)
+        if len(rows) == len(self) and np.array_equal(rows, np.arange(len(self))):
+            return self  # every row in order: share the arrays (they may be a read-only memory map)
         starts, lengths = self.offsets[:-1][rows], self.lengths()[rows]
         # Gather every selected event at once: start of its row + its position inside the row.
         out_offsets = np.zeros(len(rows) + 1, dtype=np.int64)
@@ -75,17 +80,34 @@ class Jagged:
         return Jagged(out_offsets, self.items[index], self.times[index])
 
     def prefix(self, lengths: np.ndarray) -> "Jagged":
-        """Keep the first ``lengths[i]`` events of each row (``0 <= lengths[i] <= row length``)."""
+        """Keep the first ``lengths[i]`` events of each row (``0 <= lengths[i] <= row length``); ``self`` itself
+        when that keeps everything."""
         lengths = np.asarray(lengths, dtype=np.int64)
-        if len(lengths) != len(self) or np.any(lengths < 0) or np.any(lengths > self.lengths()):
+        row_lengths = self.lengths()
+        if len(lengths) != len(self) or np.any(lengths < 0) or np.any(lengths > row_lengths):
             raise ValueError("prefix lengths must be within each row's length")
-        keep = self.positions() < np.repeat(lengths, self.lengths())
+        if np.array_equal(lengths, row_lengths):
+            return self
+        # The kept events as runs: per row, lengths[i] kept then the rest dropped (one byte per event, where
+        # comparing positions would hold three int64 temporaries per event).
+        runs = np.stack([lengths, row_lengths - lengths], axis=1).ravel()
+        keep = np.repeat(np.tile(np.array([True, False]), len(self)), runs)
         return Jagged.from_lengths(lengths, self.items[keep], self.times[keep])
 
     def element(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(item, time) at ``positions[i]`` inside row ``i``."""
         index = self.offsets[:-1] + np.asarray(positions, dtype=np.int64)
         return self.items[index], self.times[index]
+
+
+def content_hash(sequences: Jagged, num_items: int) -> str:
+    """sha256 of exactly what models see: the jagged sequences and the catalogue size (the manifest's
+    ``content_hash``). Hashes the arrays' memory in place, so a memory-mapped dataset is not copied."""
+    digest = hashlib.sha256()
+    digest.update(np.int64(num_items).tobytes())
+    for array in (sequences.offsets, sequences.items, sequences.times):
+        digest.update(memoryview(array))  # Jagged arrays are C-contiguous (see __post_init__)
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)

@@ -12,13 +12,15 @@ import numpy as np
 from .jagged import EvalSet, Jagged, Split
 
 
-def _eval_set(user_idx: np.ndarray, sequences: Jagged, rows: np.ndarray, history_len: np.ndarray) -> EvalSet:
-    """Examples for ``rows``: history = first ``history_len`` events, target = the event right after."""
+def _eval_set(user_idx: np.ndarray, sequences: Jagged, rows: np.ndarray, history_len: np.ndarray,
+              history: Jagged | None = None) -> EvalSet:
+    """Examples for ``rows``: history = first ``history_len`` events (``history`` when the caller already holds
+    exactly that), target = the event right after."""
     picked = sequences.take(rows)
     target, target_time = picked.element(history_len)
     return EvalSet(
         user_idx=user_idx[rows].astype(np.int32),
-        history=picked.prefix(history_len),
+        history=picked.prefix(history_len) if history is None else history,
         target=target.astype(np.int32),
         target_time=target_time.astype(np.int64),
     )
@@ -42,7 +44,10 @@ def leave_one_out_split(user_idx: np.ndarray, sequences: Jagged) -> Split:
     train_len = np.where(evaluated, lengths - 2, lengths)
     train_users, train = _train(user_idx, sequences, train_len)
     rows = np.flatnonzero(evaluated)
-    valid = _eval_set(user_idx, sequences, rows, lengths[rows] - 2)
+    # When every user is evaluated (any k-core >= 3) the validation histories are exactly the training sequences:
+    # share them instead of building a second copy of nearly every event.
+    shared = train if len(rows) == len(sequences) else None
+    valid = _eval_set(user_idx, sequences, rows, lengths[rows] - 2, shared)
     test = _eval_set(user_idx, sequences, rows, lengths[rows] - 1)
     return Split("loo", train_users, train, valid, test)
 
