@@ -236,8 +236,11 @@ class Trainer:
             loss = self._train_epoch(step_module, optimizer, batches, epoch)
             train_time = time.perf_counter() - epoch_start
             valid = self._evaluate(model, valid_set, num_items, exclude_seen)
-            elapsed += time.perf_counter() - epoch_start
-            record = {"epoch": epoch, "loss": loss, "valid": valid, "seconds": train_time, "elapsed": elapsed}
+            # the slowest rank's times, so every rank takes the same max_minutes decision
+            train_time, epoch_time = distributed.all_reduce_array(
+                np.array([train_time, time.perf_counter() - epoch_start]), op="max")
+            elapsed += float(epoch_time)
+            record = {"epoch": epoch, "loss": loss, "valid": valid, "seconds": float(train_time), "elapsed": elapsed}
             if cfg.report_test_each_epoch and test_set is not None:
                 record["test"] = self._evaluate(model, test_set, num_items, exclude_seen)
             result.history.append(record)

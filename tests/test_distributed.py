@@ -192,3 +192,23 @@ def test_every_gradient_trained_model_trains_under_two_ranks(small_dataset, tmp_
 
     client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
     assert len(client.search_model_versions("name='recsys-tiger'")) == 1  # one rank registered it, once
+
+
+def test_deal_partitions_a_global_batch_and_gives_an_empty_share_a_zero_weight():
+    """Rows rank, rank + world, ...: the ranks' shares partition the batch; a rank left without rows (a last batch
+    smaller than the world) still gets a row to run the step on, flagged as not real so its loss weighs 0."""
+    import torch
+
+    from recsys.batching import SequenceBatch
+    from recsys.trainer import deal
+
+    items = torch.arange(1, 16).view(5, 3)
+    batch = SequenceBatch(items, items * 10, items + 1, torch.arange(5))
+    shares = [deal(batch, r, 3) for r in range(3)]
+    assert all(real for _, real in shares)
+    assert sorted(int(u) for share, _ in shares for u in share.user_idx) == [0, 1, 2, 3, 4]
+    assert torch.equal(shares[1][0].items, items[[1, 4]]) and torch.equal(shares[1][0].targets, items[[1, 4]] + 1)
+    small = SequenceBatch(items[:1], items[:1], items[:1], torch.arange(1))
+    share, real = deal(small, 1, 2)
+    assert not real and share.items.shape[0] == 1
+    assert deal(batch, 0, 1) == (batch, True)
