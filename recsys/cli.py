@@ -217,7 +217,9 @@ def main(argv: list[str] | None = None) -> int:
         elif distributed.launched():
             raise ValueError(f"`recsys {args.command}` runs in one process; only {DISTRIBUTED_COMMANDS} run under "
                              "torchrun with several ranks")
-        return args.func(args)
+        code = args.func(args)
+        distributed.shutdown(succeeded=True)
+        return code
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -225,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     finally:
-        distributed.shutdown()
+        distributed.shutdown(succeeded=False)  # a no-op after the shutdown above
 
 
 if __name__ == "__main__":

@@ -81,12 +81,39 @@ def init(threads: int | None = None) -> None:
         backend = "cpu:gloo,cuda:nccl"
     else:
         backend = "gloo"
-    dist.init_process_group(backend=backend, timeout=TIMEOUT)
+    global _STORE
+    rank_, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    _STORE = _job_store(rank_, world)
+    dist.init_process_group(backend=backend, store=_STORE, rank=rank_, world_size=world, timeout=TIMEOUT)
 
 
-def shutdown() -> None:
+# Held here and dropped in ``shutdown`` after the process group, so the store's client thread ends before the
+# interpreter tears down (left to interpreter exit it sometimes aborted: "terminate called without an active
+# exception").
+_STORE: dist.Store | None = None
+
+
+def _job_store(rank_: int, world: int) -> dist.Store:
+    """The key-value store the process group meets through: torchrun's (MASTER_ADDR:MASTER_PORT), under a prefix
+    of its own for each restart. torchrun keeps one store for the whole job, so without the prefix a restarted rank
+    can read the addresses its dead predecessor published and wait on them until the time-out (seen here: both
+    ranks of a restarted job stuck in gloo's connect)."""
+    agent_hosts_it = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=not agent_hosts_it and rank_ == 0, timeout=TIMEOUT,
+                          multi_tenant=not agent_hosts_it)
+    return dist.PrefixStore(f"recsys/restart_{restart_count()}", store)
+
+
+def shutdown(succeeded: bool = True) -> None:
+    """Leave the process group. After a success the ranks first meet, so none tears its connections down while
+    another still uses them; after a failure they do not (the others may be waiting elsewhere; torchrun ends them)."""
+    global _STORE
     if active():
+        if succeeded:
+            barrier()
         dist.destroy_process_group()
+    _STORE = None
 
 
 def device_for(name: str) -> torch.device:
