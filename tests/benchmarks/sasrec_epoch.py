@@ -9,19 +9,24 @@
     full logits ``hidden @ item_table.T`` over the catalogue and ``F.cross_entropy`` ignoring the pads; batch 128,
     Adam with the same learning rate and betas.
 
-Both run in this process with the same number of torch threads, epochs interleaved (ours, baseline, ours, ...)
-so that the load of the shared machine falls on both alike; each figure is the median over ``--epochs`` epochs
-after a short untimed warm-up of each. ``--max-batches K`` times only the first K batches of each epoch (both
-sides; our batch order is shuffled, so they are a fair sample of its widths) and scales the time to a whole epoch,
-for a machine too loaded to time whole epochs; the JSON says so (``extrapolated_from_batches``). Writes reports/benchmarks/sasrec_epoch.json with seconds per epoch of each
-and the ratio baseline / ours (the target is at least 2.5). Skips with a message when the Beauty raw data
+Both run in this process with the same number of torch threads, interleaved step by step (one training step of
+ours, one of the baseline, ...), each step timed alone, so that the load of the shared machine falls on both alike;
+each figure is the median over ``--epochs`` epochs after a short untimed warm-up of each. ``--previous`` adds a
+third contender interleaved the same way: ours with the kernels it had before (the chunked cross-entropy path of
+``kernels.linear_cross_entropy`` and torch's per-parameter Adam loop), same initial weights, same batches.
+``--max-batches K`` times only the first K steps of each epoch (our batch order is shuffled, so they are a fair
+sample of its widths) and scales the time to a whole epoch, for a machine too loaded to time whole epochs; the
+JSON says so (``extrapolated_from_batches``). Writes reports/benchmarks/sasrec_epoch.json with seconds per epoch
+of each and the ratio baseline / ours (the target is at least 2.5). Skips with a message when the Beauty raw data
 (../shared/data/amazon-beauty) is absent.
-Usage: ``python tests/benchmarks/sasrec_epoch.py [--epochs 2] [--threads N] [--max-batches K]``.
+Usage: ``python tests/benchmarks/sasrec_epoch.py [--epochs 2] [--threads N] [--max-batches K] [--previous]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import math
 import statistics
@@ -103,38 +108,82 @@ def padded_training_data(train, max_len: int) -> tuple[torch.Tensor, torch.Tenso
     return torch.from_numpy(seq), torch.from_numpy(tgt)
 
 
-def baseline_epoch(model: PlainSASRec, optimizer, seq, tgt, batch_size: int, generator, limit: int | None = None):
+def baseline_steps(model: PlainSASRec, optimizer, seq, tgt, batch_size: int, generator):
+    """One epoch of the baseline, yielding after each training step (so that the caller can interleave)."""
     model.train()
     order = torch.randperm(len(seq), generator=generator)
-    for n, start in enumerate(range(0, len(seq), batch_size)):
-        if limit is not None and n >= limit:
-            break
+    for start in range(0, len(seq), batch_size):
         rows = order[start : start + batch_size]
         loss = model.loss(seq[rows], tgt[rows])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    return float(loss.detach())
+        yield
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # (a) the platform's epoch
 
 
-class FirstBatches:
-    """The first ``limit`` batches of an epoch (for the warm-up)."""
+class OneBatch:
+    """A batches object holding one batch, so that ``Trainer._train_epoch`` runs one step of it."""
 
-    def __init__(self, batches, limit: int):
-        self.batches, self.limit = batches, limit
+    def __init__(self, batch):
+        self.batch = batch
 
     def epoch(self, rng):
-        for n, batch in enumerate(self.batches.epoch(rng)):
-            if n >= self.limit:
-                return
-            yield batch
+        yield self.batch
 
     def __len__(self) -> int:
-        return min(self.limit, len(self.batches))
+        return 1
+
+
+def platform_steps(trainer, model, optimizer, batches, epoch: int, previous_kernels: bool = False):
+    """One epoch of ours through ``Trainer._train_epoch`` (one call per batch; building each batch is timed too),
+    yielding after each step. ``previous_kernels``: the chunked cross-entropy path (what ran before the one-pass
+    path existed), for the before/after comparison."""
+    rng = np.random.default_rng([trainer.config.seed, epoch])
+    for batch in batches.epoch(rng):
+        if previous_kernels:
+            with chunked_cross_entropy():
+                trainer._train_epoch(model, optimizer, OneBatch(batch), epoch)
+        else:
+            trainer._train_epoch(model, optimizer, OneBatch(batch), epoch)
+        yield
+
+
+@contextlib.contextmanager
+def chunked_cross_entropy():
+    import recsys.losses
+    from kernels import linear_cross_entropy
+
+    recsys.losses.linear_cross_entropy = functools.partial(linear_cross_entropy, max_logits_bytes=0)
+    try:
+        yield
+    finally:
+        recsys.losses.linear_cross_entropy = linear_cross_entropy
+
+
+def interleaved_epoch(steppers: dict, limit: int | None) -> dict[str, float]:
+    """Run the contenders' steps round-robin (one step of each in turn, so that the load of a shared machine
+    falls on all alike), each timed alone; returns seconds per epoch of each, scaled up from ``limit`` steps."""
+    seconds = {name: 0.0 for name in steppers}
+    done = {name: 0 for name in steppers}
+    totals = {name: total for name, (_, total) in steppers.items()}
+    live = {name: gen for name, (gen, _) in steppers.items()}
+    while live:
+        for name in list(live):
+            start = time.perf_counter()
+            try:
+                next(live[name])
+            except StopIteration:
+                del live[name]
+                continue
+            seconds[name] += time.perf_counter() - start
+            done[name] += 1
+            if limit is not None and done[name] >= limit:
+                del live[name]
+    return {name: seconds[name] * totals[name] / done[name] for name in steppers}
 
 
 def main() -> None:
@@ -143,6 +192,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     parser.add_argument("--max-batches", type=int, default=None,
                         help="time only the first K batches of each epoch and scale to a whole epoch")
+    parser.add_argument("--previous", action="store_true",
+                        help="also time ours with the previous kernels (chunked cross-entropy, unfused Adam)")
     parser.add_argument("--data-root", default=None, help="where Beauty is built (default: a temporary directory)")
     parser.add_argument("--out", default=str(REPO / "reports" / "benchmarks" / "sasrec_epoch.json"))
     args = parser.parse_args()
@@ -175,27 +226,33 @@ def main() -> None:
     seq, tgt = padded_training_data(split.train, mc.max_len)
     generator = torch.Generator().manual_seed(cfg.seed)
 
-    # warm-up: first calls of each kernel, first page faults of each buffer size
-    trainer._train_epoch(ours, ours_opt, FirstBatches(batches, 3), 0)
-    baseline_epoch(plain, plain_opt, seq, tgt, cfg.batch_size, generator, limit=3)
+    contenders = {
+        "ours": lambda e: (platform_steps(trainer, ours, ours_opt, batches, e), len(batches)),
+        "plain_padded": lambda e: (baseline_steps(plain, plain_opt, seq, tgt, cfg.batch_size, generator),
+                                   -(-len(seq) // cfg.batch_size)),
+    }
+    if args.previous:
+        torch.manual_seed(cfg.seed)
+        prev = build_model("sasrec", ds.num_items, {})
+        # the optimiser as it was before it was fused: torch's per-parameter loop on CPU tensors
+        prev_opt = torch.optim.Adam(prev.parameters(), lr=cfg.lr, betas=cfg.betas, foreach=False)
+        contenders["ours_previous_kernels"] = lambda e: (
+            platform_steps(trainer, prev, prev_opt, batches, e, previous_kernels=True), len(batches))
 
+    # warm-up: first calls of each kernel, first page faults of each buffer size
+    interleaved_epoch({name: make(0) for name, make in contenders.items()}, limit=3)
+    per_epoch = {name: [] for name in contenders}
+    for epoch in range(1, args.epochs + 1):
+        seconds = interleaved_epoch({name: make(epoch) for name, make in contenders.items()}, args.max_batches)
+        for name, value in seconds.items():
+            per_epoch[name].append(value)
+        print(f"epoch {epoch}: " + ", ".join(f"{n} {v:.2f} s" for n, v in seconds.items())
+              + f" (ratio {seconds['plain_padded'] / seconds['ours']:.2f})", file=sys.stderr)
+
+    ours_s, base_s = per_epoch["ours"], per_epoch["plain_padded"]
+    ours_med, base_med = statistics.median(ours_s), statistics.median(base_s)
     base_batches = -(-len(seq) // cfg.batch_size)
     k = args.max_batches
-    timed = FirstBatches(batches, k) if k else batches
-    ours_scale = len(batches) / len(timed)
-    base_scale = base_batches / min(k, base_batches) if k else 1.0
-    ours_s, base_s = [], []
-    for epoch in range(1, args.epochs + 1):
-        start = time.perf_counter()
-        trainer._train_epoch(ours, ours_opt, timed, epoch)
-        ours_s.append((time.perf_counter() - start) * ours_scale)
-        start = time.perf_counter()
-        baseline_epoch(plain, plain_opt, seq, tgt, cfg.batch_size, generator, limit=k)
-        base_s.append((time.perf_counter() - start) * base_scale)
-        print(f"epoch {epoch}: ours {ours_s[-1]:.2f} s, plain padded {base_s[-1]:.2f} s "
-              f"(ratio {base_s[-1] / ours_s[-1]:.2f})", file=sys.stderr)
-
-    ours_med, base_med = statistics.median(ours_s), statistics.median(base_s)
     result = {
         "dataset": "amazon-beauty",
         "num_items": ds.num_items,
@@ -210,6 +267,11 @@ def main() -> None:
         "ratio_plain_to_ours": base_med / ours_med,
         "per_epoch_ratios": [b / o for b, o in zip(base_s, ours_s)],
         "target_ratio": TARGET_RATIO,
+        **({"ours_previous_kernels": {"seconds_per_epoch": statistics.median(per_epoch["ours_previous_kernels"]),
+                                      "epochs_seconds": per_epoch["ours_previous_kernels"]},
+            "ratio_plain_to_ours_previous_kernels": base_med / statistics.median(per_epoch["ours_previous_kernels"]),
+            "ratio_previous_to_ours": statistics.median(per_epoch["ours_previous_kernels"]) / ours_med}
+           if args.previous else {}),
         "meets_target": base_med / ours_med >= TARGET_RATIO,
         "machine": {"cpus": __import__("os").cpu_count(), "torch": torch.__version__},
     }
