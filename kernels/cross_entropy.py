@@ -69,7 +69,7 @@ class _OnePassLinearCrossEntropy(torch.autograd.Function):
         log_probs = workspace[: n * v].view(n, v)
         torch.mm(h, w.T, out=log_probs)
         torch.log_softmax(log_probs, dim=1, out=log_probs)
-        loss = -log_probs.gather(1, targets[:, None]).mean()
+        loss = -log_probs.gather(1, targets[:, None].long()).mean()
         ctx.save_for_backward(hidden, table, targets)
         ctx.workspace, ctx.shape = workspace, (n, v)
         return loss
