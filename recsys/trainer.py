@@ -99,7 +99,9 @@ def _optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optim
     no_decay = [p for p in model.parameters() if getattr(p, "_no_weight_decay", False)]
     decay = [p for p in model.parameters() if not getattr(p, "_no_weight_decay", False)]
     groups = [{"params": decay}] + ([{"params": no_decay, "weight_decay": 0.0}] if no_decay else [])
-    return cls(groups, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+    # fused: one vectorised kernel per parameter (CPU and CUDA) instead of about ten elementwise passes each, the
+    # same update rule (Kingma & Ba 2015, Alg. 1) rounded slightly differently
+    return cls(groups, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay, fused=True)
 
 
 def epoch_learning_rate(config: TrainConfig, epoch: int) -> float:

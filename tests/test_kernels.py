@@ -7,8 +7,9 @@ import torch.nn.functional as F
 from kernels import attention, linear_cross_entropy, topk_scores
 
 
+@pytest.mark.parametrize("one_pass", [True, False], ids=["one-pass", "chunked"])
 @pytest.mark.parametrize("n,v,d,chunk", [(1, 5, 3, 2), (37, 101, 16, 32), (64, 1000, 8, 999), (5, 7, 4, 7)])
-def test_linear_cross_entropy_matches_reference(n, v, d, chunk):
+def test_linear_cross_entropy_matches_reference(n, v, d, chunk, one_pass):
     torch.manual_seed(0)
     hidden = torch.randn(n, d, dtype=torch.float64) * 3
     table = torch.randn(v, d, dtype=torch.float64)
@@ -18,7 +19,8 @@ def test_linear_cross_entropy_matches_reference(n, v, d, chunk):
     for backend in ("reference", "torch"):
         h = hidden.clone().float().requires_grad_()
         w = table.clone().float().requires_grad_()
-        loss = linear_cross_entropy(h, w, targets, ignore_index=0, chunk_size=chunk, backend=backend)
+        loss = linear_cross_entropy(h, w, targets, ignore_index=0, chunk_size=chunk, backend=backend,
+                                    max_logits_bytes=1 << 30 if one_pass else 0)
         loss.backward()
         outs.append((loss.detach(), h.grad, w.grad))
     ref, fast = outs
@@ -36,6 +38,28 @@ def test_linear_cross_entropy_equals_plain_cross_entropy_on_mean_of_kept_rows():
     y = torch.tensor([3, -1, 5, 5, -1, 0, 19, 2, 2, 7])
     expected = F.cross_entropy(h @ w.T, y, ignore_index=-1)
     torch.testing.assert_close(linear_cross_entropy(h, w, y, ignore_index=-1, chunk_size=6), expected)
+
+
+def test_linear_cross_entropy_one_pass_survives_retained_graphs_and_overlapping_calls():
+    """The one-pass path reuses one workspace: a second loss built before the first one's backward pass must get
+    its own buffer, and a second backward pass of a retained graph must give the same gradients again."""
+    torch.manual_seed(3)
+    table = torch.randn(50, 8, requires_grad=True)
+    h1, h2 = torch.randn(12, 8, requires_grad=True), torch.randn(30, 8, requires_grad=True)
+    y1, y2 = torch.randint(1, 50, (12,)), torch.randint(1, 50, (30,))  # 0 is the ignored index
+    first, second = linear_cross_entropy(h1, table, y1), linear_cross_entropy(h2, table, y2)
+    torch.testing.assert_close(first, F.cross_entropy(h1 @ table.T, y1))
+    torch.testing.assert_close(second, F.cross_entropy(h2 @ table.T, y2))
+    (first + second).backward(retain_graph=True)
+    grads = (h1.grad.clone(), h2.grad.clone(), table.grad.clone())
+    h_ref, t_ref = h1.detach().requires_grad_(), table.detach().requires_grad_()
+    F.cross_entropy(h_ref @ t_ref.T, y1).backward()
+    torch.testing.assert_close(h1.grad, h_ref.grad)
+    for t in (h1, h2, table):
+        t.grad = None
+    (first + second).backward()
+    for again, before in zip((h1.grad, h2.grad, table.grad), grads):
+        torch.testing.assert_close(again, before)
 
 
 def test_topk_matches_full_sort_with_exclusions():
