@@ -142,13 +142,16 @@ def platform_steps(trainer, model, optimizer, batches, epoch: int, previous_kern
     """One epoch of ours through ``Trainer._train_epoch`` (one call per batch; building each batch is timed too),
     yielding after each step. ``previous_kernels``: the chunked cross-entropy path (what ran before the one-pass
     path existed), for the before/after comparison."""
+    from recsys.trainer import LossForward
+
+    step_module = LossForward(model)  # what the trainer steps (DistributedDataParallel wraps it under torchrun)
     rng = np.random.default_rng([trainer.config.seed, epoch])
     for batch in batches.epoch(rng):
         if previous_kernels:
             with chunked_cross_entropy():
-                trainer._train_epoch(model, optimizer, OneBatch(batch), epoch)
+                trainer._train_epoch(step_module, optimizer, OneBatch(batch), epoch)
         else:
-            trainer._train_epoch(model, optimizer, OneBatch(batch), epoch)
+            trainer._train_epoch(step_module, optimizer, OneBatch(batch), epoch)
         yield
 
 
