@@ -6,7 +6,6 @@ padding, never a valid class), plus the items of each row's sequence for losses 
 
 from __future__ import annotations
 
-import math
 from typing import ClassVar, Literal
 
 import numpy as np
@@ -178,7 +177,8 @@ class SampledSoftmax(SequenceLoss):
             else:
                 counts = self.item_counts
                 if len(counts) != num_items + 1:
-                    raise ValueError(f"prepare() got counts for {len(counts) - 1} items, the item table has {num_items}")
+                    raise ValueError(f"prepare() got counts for {len(counts) - 1} items, "
+                                     f"the item table has {num_items}")
             total = counts.sum()
             p_t = counts / total if total > 0 else np.zeros_like(counts)
             if self.sampling == "uniform":
