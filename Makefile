@@ -14,9 +14,12 @@ BUNDLE ?=
 # NPROC=N runs make eval as N ranks of one torchrun job on this machine (docs/scaling.md); THREADS: threads per rank
 NPROC ?=
 THREADS ?=
+# ENGINE=spark builds a missing dataset on Apache Spark (installs the [spark] extra; docs/pipelines-at-scale.md)
+ENGINE ?=
+SPARK_MASTER ?=
 RECSYS_JOB = $(if $(NPROC),$(VENV)/bin/torchrun --nproc-per-node $(NPROC) -m recsys,$(VENV)/bin/recsys)
 
-.PHONY: setup test test-slow test-triton eval serve mlflow-ui bench bench-kernels bench-kernels-gpu bench-serving bench-generative lint clean
+.PHONY: setup test test-slow test-triton test-spark eval serve mlflow-ui bench bench-kernels bench-kernels-gpu bench-serving bench-generative lint clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found (set PYTHON=...)"; exit 1; }
@@ -40,9 +43,16 @@ test-triton: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[dev,triton]'
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -m triton
 
+# The Spark engine against the in-process one (installs the [spark] extra; needs Java 17, skips without it).
+test-spark: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[dev,spark]'
+	$(PY) -m pytest -q -m spark
+
 eval: $(STAMP)
+	$(if $(filter spark,$(ENGINE)),$(PY) -m pip install --quiet -e '.[spark]')
 	$(RECSYS_JOB) report --dataset $(DATASET) --models $(MODELS) $(if $(THREADS),--threads $(THREADS)) \
-		$(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(RAW_DIR),--raw-dir $(RAW_DIR)) $(foreach s,$(SET),--set $(s))
+		$(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(RAW_DIR),--raw-dir $(RAW_DIR)) $(foreach s,$(SET),--set $(s)) \
+		$(if $(ENGINE),--engine $(ENGINE)) $(if $(SPARK_MASTER),--spark-master $(SPARK_MASTER))
 
 serve: $(STAMP)
 	$(VENV)/bin/recsys serve $(if $(MODEL_URI),--model-uri $(MODEL_URI)) $(if $(BUNDLE),--bundle $(BUNDLE))

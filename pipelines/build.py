@@ -26,10 +26,10 @@ from .cleaning import clean_interactions
 from .dataset import write_dataset
 from .errors import RawDataMissingError
 from .rawio import BadLines, find_variant, sha256_file
-from .rawlog import RawLog
-from .readers_amazon import read_amazon
-from .readers_generic import read_p5_sequences, read_table_file
-from .readers_movielens import read_ml100k, read_ml_csv, read_ml_dat
+from .rawlog import FileSpec, ReadPlan, read_plan
+from .readers_amazon import plan_amazon
+from .readers_generic import input_files, parse_p5, plan_table
+from .readers_movielens import plan_ml100k, plan_ml_csv, plan_ml_dat
 from .splits import default_temporal_cutoffs
 from .synthetic import SyntheticConfig, generate_interactions, generate_item_text
 
@@ -48,9 +48,29 @@ CLEANING_DEFAULTS: dict[str, Any] = {
 }
 
 
+ENGINES = ("inprocess", "spark")
+
+
+@dataclass(frozen=True)
+class Engine:
+    """What builds a dataset: the in-process engine (the default), or Apache Spark on ``master`` (default
+    ``local[*]``) with extra Spark settings ``conf`` (``spark.driver.memory=4g``, ...)."""
+
+    name: str = "inprocess"
+    master: str | None = None
+    conf: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self):
+        if self.name not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got {self.name!r}")
+        if self.name != "spark" and (self.master or self.conf):
+            raise ValueError("--spark-master / --spark-conf need --engine spark")
+
+
 @dataclass(frozen=True)
 class GenericInput:
-    """A user's own log (``--input``): CSV/Parquet with named columns, or the P5 ``user item item ...`` form."""
+    """A user's own log (``--input``): CSV/Parquet with named columns, or the P5 ``user item item ...`` form; one
+    file, a directory of part files or a glob."""
 
     path: Path
     file_format: str | None = None  # csv | parquet | p5 (guessed from the suffix when None)
@@ -60,12 +80,11 @@ class GenericInput:
     rating_col: str | None = None
     sep: str = ","
 
-    def read(self, bad: BadLines) -> RawLog:
+    def plan(self) -> ReadPlan:
         if self.file_format == "p5":
-            return read_p5_sequences(self.path, bad)
-        return read_table_file(self.path, bad, user_col=self.user_col, item_col=self.item_col,
-                               time_col=self.time_col, rating_col=self.rating_col, file_format=self.file_format,
-                               sep=self.sep)
+            return ReadPlan([FileSpec(p, parse_p5) for p in input_files(self.path)], timestamps_are_positions=True)
+        return plan_table(self.path, user_col=self.user_col, item_col=self.item_col, time_col=self.time_col,
+                          rating_col=self.rating_col, file_format=self.file_format, sep=self.sep)
 
 
 def load_catalogue() -> dict:
@@ -104,14 +123,18 @@ def build_dataset(
     on_bad_lines: str = "error",
     force: bool = False,
     generic: GenericInput | None = None,
+    engine: Engine | None = None,
     **settings: Any,
 ) -> Path:
     """Build (or reuse) ``<data_root>/processed/<name>`` and return its path.
 
     Settings that differ from the recipe's defaults go into the directory name (``name-<hash8>``), so
     a small variant never overwrites the default build. ``generic`` reads a user's own file instead of
-    a catalogue recipe.
+    a catalogue recipe. ``Engine("spark", ...)`` runs the same reading and cleaning on Apache Spark
+    (``pipelines.spark_engine``) and writes the same dataset; a dataset is reused whichever engine built it, since
+    both give the same content.
     """
+    engine = engine or Engine()
     data_root = Path(data_root) if data_root else default_data_root()
     catalogue = load_catalogue()
     if generic is None and name not in catalogue:
@@ -128,37 +151,48 @@ def build_dataset(
     bad = BadLines(on_bad_lines)
     started = time.perf_counter()
     source = None if recipe == "synthetic" else _source_directory(name, entry, raw_dir, data_root, generic)
-    input_hash = _input_hash(recipe, resolved, source, entry, generic)
+    digests: dict[Path, str] = {}
+    input_hash = _input_hash(recipe, resolved, source, entry, generic, digests)
     if not force and _is_current(target, input_hash):
         print(f"reusing {target} (same inputs and settings)", file=sys.stderr)
         return target
 
-    raw = _read(recipe, name, entry, source, generic, bad, resolved)
-    bad.print_summary()
-    log = clean_interactions(
-        raw.interactions, rating_threshold=resolved["rating_threshold"], dedupe=resolved["dedupe"],
-        min_user_interactions=resolved["min_user_interactions"],
-        min_item_interactions=resolved["min_item_interactions"])
-    valid_cut, test_cut = default_temporal_cutoffs(log.ts, resolved["temporal_valid_quantile"],
-                                                   resolved["temporal_test_quantile"])
+    plan = _plan(recipe, name, entry, source, generic, resolved)
     manifest = {
         "name": dir_name,
         "recipe": name if generic is None else "generic",
         "reader": recipe,
+        "engine": engine.name,
         "pipeline_version": PIPELINE_VERSION,
         "input_hash": input_hash,
         "settings": resolved,
-        "source_files": [{"name": p.name, "sha256": sha256_file(p), "bytes": p.stat().st_size} for p in raw.files],
-        "timestamps_are_positions": raw.timestamps_are_positions,
-        "temporal_cutoffs": {"valid": valid_cut, "test": test_cut},
-        "skipped_lines": dict(bad.skipped),
-        "warnings": raw.warnings,
-        "build_seconds": None,
+        "source_files": [{"name": p.name, "sha256": digests.get(p) or sha256_file(p), "bytes": p.stat().st_size}
+                         for p in plan.files],
+        "timestamps_are_positions": plan.timestamps_are_positions,
+        "warnings": plan.warnings,
     }
     with atomic_directory(target) as tmp:
-        manifest["build_seconds"] = round(time.perf_counter() - started, 3)
-        write_dataset(tmp, log, raw.items, manifest)
+        if engine.name == "spark":
+            from .spark_engine import build_with_spark  # PySpark is an optional extra
+            build_with_spark(plan, resolved, bad, tmp, manifest, started, master=engine.master, conf=dict(engine.conf))
+        else:
+            _build_in_process(plan, resolved, bad, tmp, manifest, started)
     return target
+
+
+def _build_in_process(plan: ReadPlan, settings: dict, bad: BadLines, directory: Path, manifest: dict,
+                      started: float) -> None:
+    raw = read_plan(plan, bad)
+    bad.print_summary()
+    log = clean_interactions(
+        raw.interactions, rating_threshold=settings["rating_threshold"], dedupe=settings["dedupe"],
+        min_user_interactions=settings["min_user_interactions"],
+        min_item_interactions=settings["min_item_interactions"])
+    valid_cut, test_cut = default_temporal_cutoffs(log.ts, settings["temporal_valid_quantile"],
+                                                   settings["temporal_test_quantile"])
+    manifest.update(temporal_cutoffs={"valid": valid_cut, "test": test_cut}, skipped_lines=dict(bad.skipped),
+                    build_seconds=round(time.perf_counter() - started, 3))
+    write_dataset(directory, log, raw.items, manifest)
 
 
 def _is_current(target: Path, input_hash: str) -> bool:
@@ -171,36 +205,40 @@ def _is_current(target: Path, input_hash: str) -> bool:
         return False
 
 
-def _input_hash(recipe: str, settings: dict, source: Path | None, entry: dict, generic: GenericInput | None) -> str:
+def _input_hash(recipe: str, settings: dict, source: Path | None, entry: dict, generic: GenericInput | None,
+                digests: dict[Path, str]) -> str:
+    """Hash of the recipe, settings and every raw file's sha256 (``digests`` receives them, for the manifest)."""
     files: list[Path] = []
     extra = {}
     if generic is not None:
-        files = [generic.path]
+        files = input_files(generic.path)
         extra = {k: str(v) for k, v in vars(generic).items() if k != "path"}
     elif source is not None:
         # Only the files a recipe can read: a raw directory may hold unrelated large files.
         names = sorted({f for layout in entry.get("layouts", []) for f in layout})
         files = [p for p in (find_variant(source, n) for n in names) if p is not None]
-    digests = [(p.name, sha256_file(p)) for p in files]
-    return _short_hash({"recipe": recipe, "settings": settings, "files": digests, "generic": extra,
+    for p in files:
+        digests[p] = sha256_file(p)
+    return _short_hash({"recipe": recipe, "settings": settings, "files": [(p.name, digests[p]) for p in files],
+                        "generic": extra,
                         "pipeline_version": PIPELINE_VERSION})
 
 
-def _read(recipe, name, entry, source, generic, bad, resolved) -> RawLog:
+def _plan(recipe, name, entry, source, generic, resolved) -> ReadPlan:
     if recipe == "generic":
-        return generic.read(bad)
+        return generic.plan()
     if recipe == "synthetic":
         config = SyntheticConfig(**{k: v for k, v in resolved.items() if k in SyntheticConfig.field_names()})
         frame = generate_interactions(config).rename(columns={"user_id": "user", "item_id": "item"})
-        return RawLog(frame, generate_item_text(config))
+        return ReadPlan([], frame=frame, items_frame=generate_item_text(config))
     if recipe == "movielens_100k":
-        return read_ml100k(source, bad)
+        return plan_ml100k(source)
     if recipe == "movielens_dat":
-        return read_ml_dat(source, bad)
+        return plan_ml_dat(source)
     if recipe == "movielens_csv":
-        return read_ml_csv(source, bad)
+        return plan_ml_csv(source)
     if recipe == "amazon":
-        return read_amazon(source, bad, entry["amazon_category"], entry["shared_prefix"])
+        return plan_amazon(source, entry["amazon_category"], entry["shared_prefix"])
     raise ValueError(f"dataset {name!r}: unknown reader {recipe!r} in the catalogue")
 
 
@@ -212,8 +250,7 @@ def _source_directory(name: str, entry: dict | None, raw_dir, data_root: Path,
                       generic: GenericInput | None) -> Path | None:
     """Where the raw files are: ``--raw-dir``, else ``data/raw/<name>/``, else a verified download."""
     if generic is not None:
-        if not generic.path.is_file():
-            raise FileNotFoundError(f"input file not found: {generic.path}")
+        input_files(generic.path)  # fails early, naming the path, when there is nothing to read
         return None
     if raw_dir is not None:
         raw_dir = Path(raw_dir)

@@ -4,6 +4,7 @@
                       [--set key=value ...]
     recsys data build --dataset MYNAME --input FILE [--format csv|parquet|p5] [--user-col C] [--item-col C]
                       [--time-col C] [--rating-col C] [--sep ,]
+    recsys data build ... --engine spark [--spark-master URL] [--spark-conf key=value ...]
     recsys data list
 
 ``data build`` prints only the processed dataset's path on stdout (scripts capture it); everything
@@ -16,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .build import GenericInput, build_dataset, load_catalogue
+from .build import ENGINES, Engine, GenericInput, build_dataset, load_catalogue
 from .rawio import ON_BAD_LINES
 
 
@@ -34,13 +35,33 @@ def parse_settings(pairs: list[str] | None) -> dict[str, Any]:
     return out
 
 
+def add_engine_arguments(parser) -> None:
+    """--engine / --spark-master / --spark-conf, shared by every command that may build a dataset."""
+    group = parser.add_argument_group("engine (how a missing dataset is built; docs/pipelines-at-scale.md)")
+    group.add_argument("--engine", choices=ENGINES, default="inprocess",
+                       help="inprocess (default): pyarrow/pandas in this process; spark: Apache Spark (extra [spark])")
+    group.add_argument("--spark-master", default=None, help="Spark master URL (default local[*]), e.g. spark://host:7077")
+    group.add_argument("--spark-conf", action="append", default=[], metavar="KEY=VALUE",
+                       help="a Spark setting, e.g. --spark-conf spark.driver.memory=4g; repeatable")
+
+
+def engine_from_args(args) -> Engine:
+    conf = []
+    for pair in args.spark_conf:
+        if "=" not in pair:
+            raise ValueError(f"--spark-conf expects key=value, got {pair!r}")
+        key, value = pair.split("=", 1)
+        conf.append((key.strip(), value.strip()))
+    return Engine(args.engine, args.spark_master, tuple(conf))
+
+
 def cmd_build(args) -> int:
     generic = None
     if args.input:
         generic = GenericInput(Path(args.input), args.format, args.user_col, args.item_col, args.time_col,
                                args.rating_col, args.sep)
     path = build_dataset(args.dataset, args.raw_dir, data_root=args.data_root, on_bad_lines=args.on_bad_lines,
-                         force=args.force, generic=generic, **parse_settings(args.set))
+                         force=args.force, generic=generic, engine=engine_from_args(args), **parse_settings(args.set))
     print(path)
     return 0
 
@@ -65,7 +86,9 @@ def add_data_commands(sub) -> None:
     build.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="cleaning/split/generator setting, e.g. --set min_user_interactions=3")
     own = build.add_argument_group("your own log (--input)")
-    own.add_argument("--input", default=None, help="a CSV/Parquet log or a P5 'user item item ...' file")
+    add_engine_arguments(build)
+    own.add_argument("--input", default=None, help="a CSV/Parquet log or a P5 'user item item ...' file; a directory "
+                     "of part files or a glob (quoted) reads every part in path order")
     own.add_argument("--format", choices=["csv", "parquet", "p5"], default=None)
     own.add_argument("--user-col", default="user_id")
     own.add_argument("--item-col", default="item_id")

@@ -117,12 +117,13 @@ def sequences_from_log(log: CleanLog) -> tuple[np.ndarray, Jagged]:
     return np.arange(log.num_users, dtype=np.int32), Jagged.from_lengths(lengths, log.item_idx, log.ts)
 
 
-def item_table(log: CleanLog, text: pd.DataFrame | None) -> pd.DataFrame:
-    """item_idx, external item_id, the source's text fields (empty when missing), popularity."""
+def item_table(item_ids: np.ndarray, popularity: np.ndarray, text: pd.DataFrame | None) -> pd.DataFrame:
+    """item_idx, external item_id, the source's text fields (empty when missing), popularity; ``item_ids`` and
+    ``popularity`` are those of item_idx 1..V in order."""
     items = pd.DataFrame({
-        "item_idx": np.arange(1, log.num_items + 1, dtype=np.int32),
-        "item_id": pd.array(log.item_ids, dtype="string"),
-        "popularity": np.bincount(log.item_idx, minlength=log.num_items + 1)[1:].astype(np.int64),
+        "item_idx": np.arange(1, len(item_ids) + 1, dtype=np.int32),
+        "item_id": pd.array(item_ids, dtype="string"),
+        "popularity": np.asarray(popularity, dtype=np.int64),
     })
     if text is None or text.empty:
         items["title"] = ""
@@ -154,15 +155,23 @@ def write_dataset(directory: Path, log: CleanLog, text: pd.DataFrame | None, man
     }), directory / "sequences.parquet")
     digest = content_hash(sequences, log.num_items)
     write_sequence_cache(directory, user_idx, sequences, digest)  # derived; loads would write it otherwise
-    item_table(log, text).to_parquet(directory / "items.parquet", index=False)
+    popularity = np.bincount(log.item_idx, minlength=log.num_items + 1)[1:]
+    item_table(log.item_ids, popularity, text).to_parquet(directory / "items.parquet", index=False)
     pd.DataFrame({"user_idx": user_idx, "user_id": pd.array(log.user_ids, dtype="string")}).to_parquet(
         directory / "users.parquet", index=False)
+    return write_manifest(directory, manifest, users=log.num_users, items=log.num_items,
+                          interactions=int(len(log.item_idx)), stats=log.stats, digest=digest)
+
+
+def write_manifest(directory: Path, manifest: dict, *, users: int, items: int, interactions: int, stats: dict,
+                   digest: str) -> dict:
+    """The manifest, written last (whichever engine wrote the data files): a directory without it is no dataset."""
     manifest = {
         **manifest,
         "schema_version": SCHEMA_VERSION,
-        "counts": {"users": log.num_users, "items": log.num_items, "interactions": int(len(log.item_idx)),
-                   "has_repeats": bool(log.stats["has_repeats"])},
-        "cleaning_stats": log.stats,
+        "counts": {"users": users, "items": items, "interactions": interactions,
+                   "has_repeats": bool(stats["has_repeats"])},
+        "cleaning_stats": stats,
         "content_hash": digest,
     }
     (directory / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")

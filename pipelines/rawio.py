@@ -14,11 +14,13 @@ import csv
 import gzip
 import hashlib
 import io
+import itertools
 import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
@@ -55,6 +57,71 @@ def find_variant(directory: Path, name: str) -> Path | None:
         if candidate.is_file():
             return candidate
     return None
+
+
+@dataclass(frozen=True)
+class Lines:
+    """The raw lines a parser reads: a whole file (``data`` None), or some of its consecutive lines (the Spark engine
+    hands each parser the lines of one batch: an Arrow binary array of the raw bytes without their LF, with their
+    1-based line numbers).
+
+    Every parser takes a ``Lines``, so both engines run the same parsing code on the same bytes.
+    """
+
+    path: Path
+    data: pa.Array | None = None  # binary or large_binary
+    numbers: np.ndarray | None = None
+
+    @property
+    def starts_file(self) -> bool:
+        """True when these lines begin at the file's first line (so a header row is among them)."""
+        return self.data is None or (len(self.numbers) > 0 and int(self.numbers[0]) == 1)
+
+    def numbered(self, bad: "BadLines", encoding: str = "utf-8"):
+        """(1-based line number, decoded text without its LF/CRLF ending); an undecodable line goes to ``bad``.
+
+        Decoding line by line (not through a TextIOWrapper) keeps line numbers exact even when one line has bytes
+        that are not valid in ``encoding``.
+        """
+        if self.data is None:
+            with open_binary(self.path) as f:
+                yield from _decoded(enumerate(f, 1), self.path, bad, encoding)
+        else:
+            yield from _decoded(zip(self.numbers.tolist(), self.data.to_pylist()), self.path, bad, encoding)
+
+    def arrow_source(self):
+        """What pyarrow's readers take: the path (which also decompresses .gz), or the lines joined by LF."""
+        if self.data is None:
+            return self.path
+        lists = (pa.LargeListArray if pa.types.is_large_binary(self.data.type) else pa.ListArray).from_arrays(
+            pa.array([0, len(self.data)], pa.int64() if pa.types.is_large_binary(self.data.type) else pa.int32()),
+            self.data)
+        joined = pc.binary_join(lists, pa.scalar(b"\n", self.data.type))[0]
+        return pa.BufferReader(joined.as_buffer() if joined.is_valid else b"")
+
+    def data_lines(self, header: bool) -> int:
+        """Non-blank lines, less the header when these lines hold it."""
+        if self.data is None:
+            return _count_data_lines(self.path, header)
+        lengths = pc.binary_length(self.data).to_numpy(zero_copy_only=False)
+        blank = (lengths == 0) | ((lengths == 1) & pc.equal(self.data, pa.scalar(b"\r", self.data.type))
+                                  .to_numpy(zero_copy_only=False))
+        return int((~blank).sum()) - (1 if header and self.starts_file else 0)
+
+    @classmethod
+    def head(cls, path: Path, n: int) -> "Lines":
+        """The first ``n`` lines of a file."""
+        with open_binary(path) as f:
+            data = [line.rstrip(b"\n") for line in itertools.islice(f, n)]
+        return cls(path, pa.array(data, pa.binary()), np.arange(1, len(data) + 1))
+
+
+def _decoded(numbered_raw, path: Path, bad: "BadLines", encoding: str):
+    for line_no, raw in numbered_raw:
+        try:
+            yield line_no, raw.decode(encoding).rstrip("\r\n")
+        except UnicodeDecodeError as exc:
+            bad.report(path, line_no, f"cannot decode as {encoding} ({exc.reason})")
 
 
 @dataclass
@@ -98,7 +165,7 @@ _ARROW = {"int64": pa.int64(), "float64": pa.float64(), "string": pa.string()}
 
 
 def read_delimited(
-    path: Path,
+    lines: Lines,
     *,
     sep: str,
     columns: dict[str, str],
@@ -121,13 +188,13 @@ def read_delimited(
     keep = keep or list(columns)
     if not force_scan:
         try:
-            return _read_fast(path, sep, columns, header, encoding, quoted, keep)
+            return _read_fast(lines, sep, columns, header, encoding, quoted, keep)
         except (pa.ArrowInvalid, UnicodeDecodeError):
             pass
-    return _read_scan(path, sep, columns, header, encoding, quoted, keep, bad, row_check)
+    return _read_scan(lines, sep, columns, header, encoding, quoted, keep, bad, row_check)
 
 
-def _read_fast(path, sep, columns, header, encoding, quoted, keep) -> pa.Table:
+def _read_fast(lines: Lines, sep, columns, header, encoding, quoted, keep) -> pa.Table:
     names = list(columns)
     gaps: list[str] = []
     if sep == "::":
@@ -140,19 +207,20 @@ def _read_fast(path, sep, columns, header, encoding, quoted, keep) -> pa.Table:
         file_names, delimiter = names, sep
     else:
         raise pa.ArrowInvalid("multi-character separator")  # scan path handles it
-    read = pacsv.ReadOptions(column_names=file_names, skip_rows=1 if header else 0, encoding=encoding,
+    read = pacsv.ReadOptions(column_names=file_names, skip_rows=1 if header and lines.starts_file else 0,
+                             encoding=encoding,
                              block_size=1 << 24)
     parse = pacsv.ParseOptions(delimiter=delimiter, quote_char='"' if quoted else False,
                                invalid_row_handler=lambda row: "error")
     types = {name: _ARROW[kind] for name, kind in columns.items()} | {gap: pa.string() for gap in gaps}
     convert = pacsv.ConvertOptions(column_types=types, include_columns=keep + gaps, strings_can_be_null=False,
                                    quoted_strings_can_be_null=False)
-    table = pacsv.read_csv(path, read_options=read, parse_options=parse, convert_options=convert)
+    table = pacsv.read_csv(lines.arrow_source(), read_options=read, parse_options=parse, convert_options=convert)
     if any(table.column(name).null_count for name in keep):
         raise pa.ArrowInvalid("empty numeric field")
     if any(pc.any(pc.not_equal(table.column(gap), "")).as_py() for gap in gaps):
         raise pa.ArrowInvalid("'::' separator expected")
-    if quoted and table.num_rows != _count_data_lines(path, header):
+    if quoted and table.num_rows != lines.data_lines(header):
         # An unclosed quote makes the parser swallow the following lines into one field.
         raise pa.ArrowInvalid("row count differs from line count")
     return table.select(keep)
@@ -173,51 +241,37 @@ def _count_data_lines(path: Path, header: bool) -> int:
     return lines - blank - (1 if header else 0)
 
 
-def _read_scan(path, sep, columns, header, encoding, quoted, keep, bad: BadLines, row_check=None) -> pa.Table:
+def _read_scan(lines: Lines, sep, columns, header, encoding, quoted, keep, bad: BadLines, row_check=None) -> pa.Table:
+    path = lines.path
     names, kinds = list(columns), list(columns.values())
     converters = [_CONVERT[k] for k in kinds]
     keep_pos = [names.index(n) for n in keep]
     out: list[list] = [[] for _ in keep]
-    with open_binary(path) as f:
-        for line_no, text in numbered_lines(f, path, bad, encoding):
-            if header and line_no == 1:
-                continue
-            if not text.strip():
-                continue
-            try:
-                fields = next(csv.reader([text], delimiter=sep, strict=True)) if quoted else text.split(sep)
-            except csv.Error as exc:
-                bad.report(path, line_no, f"malformed quoting ({exc})", text)
-                continue
-            if len(fields) != len(names):
-                bad.report(path, line_no, f"expected {len(names)} fields separated by {sep!r}, found {len(fields)}",
-                           text)
-                continue
-            try:
-                values = [converters[p](fields[p]) if kinds[p] != "string" else fields[p] for p in keep_pos]
-            except ValueError as exc:
-                bad.report(path, line_no, f"bad value ({exc})", text)
-                continue
-            reason = row_check(values) if row_check is not None else None
-            if reason is not None:
-                bad.report(path, line_no, reason, text)
-                continue
-            for column, value in zip(out, values):
-                column.append(value)
-    return pa.table({name: pa.array(col, type=_ARROW[columns[name]]) for name, col in zip(keep, out)})
-
-
-def numbered_lines(f, path: Path, bad: BadLines, encoding: str = "utf-8"):
-    """(1-based line number, decoded text without its LF/CRLF ending) from a binary file.
-
-    Decoding line by line (not through a TextIOWrapper) keeps line numbers exact even when one
-    line has bytes that are not valid in ``encoding``; such a line is reported as bad.
-    """
-    for line_no, raw in enumerate(f, 1):
+    for line_no, text in lines.numbered(bad, encoding):
+        if header and line_no == 1:
+            continue
+        if not text.strip():
+            continue
         try:
-            yield line_no, raw.decode(encoding).rstrip("\r\n")
-        except UnicodeDecodeError as exc:
-            bad.report(path, line_no, f"cannot decode as {encoding} ({exc.reason})")
+            fields = next(csv.reader([text], delimiter=sep, strict=True)) if quoted else text.split(sep)
+        except csv.Error as exc:
+            bad.report(path, line_no, f"malformed quoting ({exc})", text)
+            continue
+        if len(fields) != len(names):
+            bad.report(path, line_no, f"expected {len(names)} fields separated by {sep!r}, found {len(fields)}", text)
+            continue
+        try:
+            values = [converters[p](fields[p]) if kinds[p] != "string" else fields[p] for p in keep_pos]
+        except ValueError as exc:
+            bad.report(path, line_no, f"bad value ({exc})", text)
+            continue
+        reason = row_check(values) if row_check is not None else None
+        if reason is not None:
+            bad.report(path, line_no, reason, text)
+            continue
+        for column, value in zip(out, values):
+            column.append(value)
+    return pa.table({name: pa.array(col, type=_ARROW[columns[name]]) for name, col in zip(keep, out)})
 
 
 def parse_record(text: str):
@@ -228,22 +282,21 @@ def parse_record(text: str):
         return ast.literal_eval(text)
 
 
-def iter_records(path: Path, bad: BadLines, encoding: str = "utf-8", want=None):
+def iter_records(lines: Lines, bad: BadLines, encoding: str = "utf-8", want=None):
     """Yield ``(line_no, dict)`` per non-blank line; malformed lines go through ``bad``.
 
     ``want`` is an optional cheap text pre-filter (line -> bool) applied before parsing, so huge
     metadata files only pay the parse cost for the lines that matter.
     """
-    with open_binary(path) as f:
-        for line_no, text in numbered_lines(f, path, bad, encoding):
-            if not text.strip() or (want is not None and not want(text)):
-                continue
-            try:
-                record = parse_record(text)
-            except (ValueError, SyntaxError, MemoryError, RecursionError) as exc:
-                bad.report(path, line_no, f"not a JSON object or Python dict literal ({type(exc).__name__})", text)
-                continue
-            if not isinstance(record, dict):
-                bad.report(path, line_no, "record is not an object", text)
-                continue
-            yield line_no, record
+    for line_no, text in lines.numbered(bad, encoding):
+        if not text.strip() or (want is not None and not want(text)):
+            continue
+        try:
+            record = parse_record(text)
+        except (ValueError, SyntaxError, MemoryError, RecursionError) as exc:
+            bad.report(lines.path, line_no, f"not a JSON object or Python dict literal ({type(exc).__name__})", text)
+            continue
+        if not isinstance(record, dict):
+            bad.report(lines.path, line_no, "record is not an object", text)
+            continue
+        yield line_no, record

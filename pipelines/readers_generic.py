@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import glob
+import itertools
 import json
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -12,45 +15,100 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .errors import BadInputError
-from .rawio import BadLines, numbered_lines, open_binary, read_delimited
-from .rawlog import RawLog
+from .rawio import BadLines, Lines, open_binary, read_delimited
+from .rawlog import FileSpec, RawLog, ReadPlan, read_plan
 
 
-def read_table_file(path: Path, bad: BadLines, *, user_col: str, item_col: str, time_col: str,
-                    rating_col: str | None = None, file_format: str | None = None, sep: str = ",") -> RawLog:
-    """A log with named user/item/time (and optional rating) columns, CSV (header row) or Parquet.
+_TIME_SAMPLE_ROWS = 10_000
 
-    Times may be integer or float epochs (seconds), Arrow timestamps/dates, or date strings. A row with an
-    empty id or an unreadable time is a malformed line: named by file and line, or skipped and counted.
+
+def input_files(path: str | Path) -> list[Path]:
+    """A user's log as one file, a directory of part files, or a glob (``logs/part-*.csv``), in path order.
+
+    In a directory, names starting with ``.`` or ``_`` (``_SUCCESS``, ``.crc`` files) are not data, as in Spark.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"input file not found: {path}")
-    file_format = file_format or ("parquet" if path.name.endswith((".parquet", ".pq")) else "csv")
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith((".", "_")))
+    else:
+        files = sorted(Path(p) for p in glob.glob(str(path)) if Path(p).is_file())
+    if not files:
+        raise FileNotFoundError(f"input file not found: {path}" + (" (no data files in it)" if path.is_dir() else ""))
+    return files
+
+
+def plan_table(path: str | Path, *, user_col: str, item_col: str, time_col: str, rating_col: str | None = None,
+               file_format: str | None = None, sep: str = ",") -> ReadPlan:
+    """A log with named user/item/time (and optional rating) columns: CSV files (header row) or Parquet files.
+
+    Times may be integer or float epochs (seconds), Arrow timestamps/dates, or date strings; whether a text time
+    column holds epochs or dates is decided once, from the first file's first 10,000 rows, so every file and every
+    batch reads alike. A row with an empty id or an unreadable time is a malformed line: named by file and line, or
+    skipped and counted. Every CSV part must have the same header.
+    """
+    files = input_files(path)
+    file_format = file_format or ("parquet" if files[0].name.endswith((".parquet", ".pq")) else "csv")
     wanted = [user_col, item_col, time_col] + ([rating_col] if rating_col else [])
+    columns = dict(user_col=user_col, item_col=item_col, time_col=time_col, rating_col=rating_col)
     if file_format == "parquet":
-        _check_columns(path, wanted, pq.read_schema(path).names)
-        table = pq.read_table(path, columns=wanted)
+        for file in files:
+            _check_columns(file, wanted, pq.read_schema(file).names)
+        sample = pq.ParquetFile(files[0]).iter_batches(batch_size=_TIME_SAMPLE_ROWS, columns=[time_col])
+        epochs = _time_kind(pa.chunked_array(list(itertools.islice(sample, 1)) or [pa.array([], pa.int64())]))
+        parse = partial(parse_parquet_log, **columns, epochs=epochs == "epoch")
+        logs = [FileSpec(file, parse, columns=tuple(wanted)) for file in files]
     elif file_format == "csv":
-        table = _read_csv_columns(path, bad, wanted, sep)
+        header = _header(files[0], sep)
+        for file in files:
+            _check_columns(file, wanted, _header(file, sep))
+            if _header(file, sep) != header:
+                raise BadInputError(file, 1, f"header differs from the first part's ({files[0].name}: {header})")
+        first = Lines.head(files[0], _TIME_SAMPLE_ROWS + 1)
+        sample = _read_csv_columns(first, BadLines("skip"), header, wanted, sep)
+        epochs = _time_kind(sample.column(time_col)) == "epoch"
+        parse = partial(parse_csv_log, header=tuple(header), sep=sep, **columns, epochs=epochs)
+        logs = [FileSpec(file, parse) for file in files]
     else:
         raise ValueError(f"unknown input format {file_format!r} (expected csv or parquet)")
+    return ReadPlan(logs, has_rating=rating_col is not None)
 
-    epochs = _time_kind(table.column(time_col)) == "epoch"
+
+def read_table_file(path: Path, bad: BadLines, **options) -> RawLog:
+    """``plan_table`` read in process."""
+    return read_plan(plan_table(path, **options), bad)
+
+
+def parse_csv_log(lines: Lines, bad: BadLines, *, header: tuple[str, ...], sep: str, user_col: str, item_col: str,
+                  time_col: str, rating_col: str | None, epochs: bool) -> pd.DataFrame:
+    wanted = [user_col, item_col, time_col] + ([rating_col] if rating_col else [])
+    table = _read_csv_columns(lines, bad, header, wanted, sep)
     ts, bad_rows = _timestamps(table.column(time_col), epochs)
     for name in (user_col, item_col):
         bad_rows = bad_rows | _empty(table.column(name))
     if bad_rows.any():
-        if file_format == "csv":
-            # Re-read line by line with the same checks, so each bad row is named by its physical line.
-            bad.forget(path)
-            table = _read_csv_columns(path, bad, wanted, sep, row_check=_row_check(epochs))
-            ts, _ = _timestamps(table.column(time_col), epochs)
-        else:
-            for row in np.flatnonzero(bad_rows):
-                bad.report(path, None, f"data row {row + 1}: empty id or unreadable time")
-            keep = pa.array(~bad_rows)
-            table, ts = table.filter(keep), ts[~bad_rows]
+        # Re-read line by line with the same checks, so each bad row is named by its physical line.
+        bad.forget(lines.path)
+        table = _read_csv_columns(lines, bad, header, wanted, sep, row_check=_row_check(epochs))
+        ts, _ = _timestamps(table.column(time_col), epochs)
+    return _log_frame(table, ts, user_col, item_col, rating_col)
+
+
+def parse_parquet_log(table: pa.Table, path: Path, first_row: int, bad: BadLines, *, user_col: str, item_col: str,
+                      time_col: str, rating_col: str | None, epochs: bool) -> pd.DataFrame:
+    ts, bad_rows = _timestamps(table.column(time_col), epochs)
+    for name in (user_col, item_col):
+        bad_rows = bad_rows | _empty(table.column(name))
+    if bad_rows.any():
+        for row in np.flatnonzero(bad_rows):
+            bad.report(path, None, f"data row {first_row + row + 1}: empty id or unreadable time")
+        keep = pa.array(~bad_rows)
+        table, ts = table.filter(keep), ts[~bad_rows]
+    return _log_frame(table, ts, user_col, item_col, rating_col)
+
+
+def _log_frame(table: pa.Table, ts: np.ndarray, user_col: str, item_col: str, rating_col: str | None) -> pd.DataFrame:
     frame = pd.DataFrame({
         "user": _column_numpy(table.column(user_col)),
         "item": _column_numpy(table.column(item_col)),
@@ -58,7 +116,7 @@ def read_table_file(path: Path, bad: BadLines, *, user_col: str, item_col: str, 
     })
     if rating_col:
         frame["rating"] = pc.cast(table.column(rating_col), pa.float64()).to_numpy()
-    return RawLog(frame, None, [path])
+    return frame
 
 
 def _check_columns(path: Path, wanted: list[str], present: list[str]) -> None:
@@ -67,12 +125,10 @@ def _check_columns(path: Path, wanted: list[str], present: list[str]) -> None:
         raise BadInputError(path, 1, f"column(s) {missing} not found; the file has {present}")
 
 
-def _read_csv_columns(path: Path, bad: BadLines, wanted: list[str], sep: str, row_check=None) -> pa.Table:
-    header = _header(path, sep)
-    _check_columns(path, wanted, header)
+def _read_csv_columns(lines: Lines, bad: BadLines, header, wanted: list[str], sep: str, row_check=None) -> pa.Table:
     # Ids stay strings (they are external ids); time/rating are typed later so dates also work.
     columns = {name: "string" for name in header}
-    return read_delimited(path, sep=sep, header=True, quoted=True, bad=bad, columns=columns, keep=wanted,
+    return read_delimited(lines, sep=sep, header=True, quoted=True, bad=bad, columns=columns, keep=wanted,
                           row_check=row_check, force_scan=row_check is not None)
 
 
@@ -89,6 +145,9 @@ def _column_numpy(column: pa.ChunkedArray) -> np.ndarray:
 
 
 def _empty(column: pa.ChunkedArray) -> np.ndarray:
+    """Missing ids: nulls, NaN, or text that is blank once stripped."""
+    if pa.types.is_integer(column.type):  # the common case of large logs: no string round trip
+        return column.is_null().to_numpy(zero_copy_only=False)
     values = pd.Series(_column_numpy(column))
     return (values.isna() | (values.astype(str).str.strip() == "")).to_numpy()
 
@@ -138,34 +197,37 @@ def _row_check(epochs: bool):
     return check
 
 
-def read_p5_sequences(path: Path, bad: BadLines, datamaps_path: Path | None = None) -> RawLog:
+def plan_p5_sequences(path: Path, datamaps_path: Path | None = None) -> ReadPlan:
     """P5 ``sequential_data.txt``: ``user item item ...`` per line, time-ordered, no timestamps.
 
     The position inside the line becomes ``ts`` (0, 1, 2, ...), which keeps the order exact and makes
     temporal splits meaningless (recorded in the manifest). With ``datamaps.json`` the P5 numbers are
     mapped back to the external ids (reviewerID / asin).
     """
-    users, items, positions = [], [], []
-    with open_binary(path) as f:
-        for line_no, text in numbered_lines(f, path, bad):
-            tokens = text.split()
-            if not tokens:
-                continue
-            if len(tokens) < 2 or not all(t.isdigit() for t in tokens):
-                bad.report(path, line_no, "expected 'user item item ...' with integer ids", text)
-                continue
-            n = len(tokens) - 1
-            users.extend([tokens[0]] * n)
-            items.extend(tokens[1:])
-            positions.extend(range(n))
-    frame = pd.DataFrame({"user": users, "item": items, "ts": np.asarray(positions, dtype=np.int64)})
-    files = [path]
+    id_maps, extra = {}, []
     if datamaps_path is not None:
         with open_binary(datamaps_path) as f:
             maps = json.loads(f.read().decode("utf-8"))
-        files.append(datamaps_path)
-        if "id2user" in maps:
-            frame["user"] = frame["user"].map(maps["id2user"]).fillna(frame["user"])
-        if "id2item" in maps:
-            frame["item"] = frame["item"].map(maps["id2item"]).fillna(frame["item"])
-    return RawLog(frame, None, files, timestamps_are_positions=True)
+        extra.append(datamaps_path)
+        id_maps = {column: maps[key] for column, key in (("user", "id2user"), ("item", "id2item")) if key in maps}
+    return ReadPlan([FileSpec(path, parse_p5)], id_maps=id_maps, timestamps_are_positions=True, extra_files=extra)
+
+
+def read_p5_sequences(path: Path, bad: BadLines, datamaps_path: Path | None = None) -> RawLog:
+    return read_plan(plan_p5_sequences(path, datamaps_path), bad)
+
+
+def parse_p5(lines: Lines, bad: BadLines) -> pd.DataFrame:
+    users, items, positions = [], [], []
+    for line_no, text in lines.numbered(bad):
+        tokens = text.split()
+        if not tokens:
+            continue
+        if len(tokens) < 2 or not all(t.isdigit() for t in tokens):
+            bad.report(lines.path, line_no, "expected 'user item item ...' with integer ids", text)
+            continue
+        n = len(tokens) - 1
+        users.extend([tokens[0]] * n)
+        items.extend(tokens[1:])
+        positions.extend(range(n))
+    return pd.DataFrame({"user": users, "item": items, "ts": np.asarray(positions, dtype=np.int64)})

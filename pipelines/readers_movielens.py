@@ -1,20 +1,26 @@
-"""Readers for the GroupLens MovieLens releases (100K, 1M/10M ``::`` .dat, 20M/25M/latest CSV)."""
+"""Readers for the GroupLens MovieLens releases (100K, 1M/10M ``::`` .dat, 20M/25M/latest CSV).
+
+``plan_*`` find a release's files and name a parser per file (``pipelines.rawlog``); ``read_*`` run that plan
+in process.
+"""
 
 from __future__ import annotations
 
 import sys
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
 
 from .errors import RawDataMissingError
-from .rawio import BadLines, find_variant, numbered_lines, open_binary, read_delimited
-from .rawlog import RawLog
+from .rawio import BadLines, Lines, find_variant, open_binary, read_delimited
+from .rawlog import FileSpec, RawLog, ReadPlan, read_plan
 
 ML100K_GENRES = [
     "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
     "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western",
 ]
+_RATING_COLUMNS = {"user": "int64", "item": "int64", "rating": "float64", "ts": "int64"}
 
 
 def _require(directory: Path, *names: str) -> Path:
@@ -26,33 +32,58 @@ def _require(directory: Path, *names: str) -> Path:
     raise RawDataMissingError(f"{expected} not found in {directory}")
 
 
-def _ratings_frame(table) -> pd.DataFrame:
-    frame = table.to_pandas()
+def parse_ratings(lines: Lines, bad: BadLines, sep: str, header: bool = False) -> pd.DataFrame:
+    """``user<sep>item<sep>rating<sep>timestamp`` rows (every release's ratings file)."""
+    frame = read_delimited(lines, sep=sep, header=header, bad=bad, columns=_RATING_COLUMNS).to_pandas()
     frame.columns = ["user", "item", "rating", "ts"]
     return frame[["user", "item", "ts", "rating"]]
 
 
-def read_ml100k(directory: Path, bad: BadLines) -> RawLog:
-    ratings_path = _require(directory, "u.data")
-    table = read_delimited(ratings_path, sep="\t", bad=bad,
-                           columns={"user": "int64", "item": "int64", "rating": "float64", "ts": "int64"})
-    files = [ratings_path]
-    items = None
-    item_path = find_variant(directory, "u.item")
-    if item_path is not None:
-        files.append(item_path)
+def parse_ml100k_items(lines: Lines, bad: BadLines) -> pd.DataFrame:
+    """u.item (ISO-8859-1): id | title | release date | video date | URL | 19 genre flags."""
+    def movie(fields):
+        genres = "|".join(g for g, flag in zip(ML100K_GENRES, fields[5:]) if flag.strip() == "1")
+        return int(fields[0]), fields[1], fields[2], genres
 
-        def movie(fields):  # id | title | release date | video date | URL | 19 genre flags
-            genres = "|".join(g for g, flag in zip(ML100K_GENRES, fields[5:]) if flag.strip() == "1")
-            return int(fields[0]), fields[1], fields[2], genres
-
-        # u.item is ISO-8859-1.
-        items = _read_item_lines(item_path, bad, "latin-1", "|", 5 + len(ML100K_GENRES), movie,
-                                 ["item_id", "title", "release_date", "genres"])
-    return RawLog(_ratings_frame(table), _items_with_str_ids(items), files)
+    return _item_lines(lines, bad, "latin-1", "|", 5 + len(ML100K_GENRES), movie,
+                       ["item_id", "title", "release_date", "genres"])
 
 
-def read_ml_dat(directory: Path, bad: BadLines, allow_partial: bool = True) -> RawLog:
+def parse_dat_movies(lines: Lines, bad: BadLines, encoding: str) -> pd.DataFrame:
+    """movies.dat: ``MovieID::Title::Genres``."""
+    return _item_lines(lines, bad, encoding, "::", 3, lambda f: (int(f[0]), f[1], f[2]), ["item_id", "title", "genres"])
+
+
+def parse_csv_movies(lines: Lines, bad: BadLines) -> pd.DataFrame:
+    """movies.csv: ``movieId,title,genres`` with a header, titles quoted when they hold commas."""
+    return read_delimited(lines, sep=",", header=True, quoted=True, bad=bad,
+                          columns={"item_id": "int64", "title": "string", "genres": "string"}).to_pandas()
+
+
+def _item_lines(lines: Lines, bad: BadLines, encoding: str, sep: str, n_fields: int, make_row,
+                columns: list[str]) -> pd.DataFrame:
+    """Movie metadata lines (``sep``-separated, first field the numeric id) → one row per movie."""
+    rows = []
+    for line_no, text in lines.numbered(bad, encoding):
+        if not text.strip():
+            continue
+        fields = text.split(sep)
+        if len(fields) != n_fields or not fields[0].isdigit():
+            bad.report(lines.path, line_no, f"expected {n_fields} {sep!r}-separated fields starting with the id", text)
+            continue
+        rows.append(make_row(fields))
+    return pd.DataFrame(rows, columns=columns)
+
+
+def plan_ml100k(directory: Path) -> ReadPlan:
+    items = find_variant(directory, "u.item")
+    return ReadPlan(
+        logs=[FileSpec(_require(directory, "u.data"), partial(parse_ratings, sep="\t"))],
+        items=[FileSpec(items, parse_ml100k_items)] if items else [],
+        item_columns={"title": "string", "release_date": "string", "genres": "string"}, has_rating=True)
+
+
+def plan_ml_dat(directory: Path, allow_partial: bool = True) -> ReadPlan:
     """ML-1M / ML-10M: ``UserID::MovieID::Rating::Timestamp`` and ``MovieID::Title::Genres``."""
     warnings = []
     ratings_path = find_variant(directory, "ratings.dat")
@@ -65,52 +96,37 @@ def read_ml_dat(directory: Path, bad: BadLines, allow_partial: bool = True) -> R
             warnings.append(message)
     if ratings_path is None:
         raise RawDataMissingError(f"ratings.dat[.gz] not found in {directory}")
-    table = read_delimited(ratings_path, sep="::", bad=bad,
-                           columns={"user": "int64", "item": "int64", "rating": "float64", "ts": "int64"})
-    files = [ratings_path]
-    items = None
-    movies_path = find_variant(directory, "movies.dat")
-    if movies_path is not None:
-        files.append(movies_path)
-        items = _read_item_lines(movies_path, bad, _guess_encoding(movies_path), "::", 3,
-                                 lambda f: (int(f[0]), f[1], f[2]), ["item_id", "title", "genres"])
-    return RawLog(_ratings_frame(table), _items_with_str_ids(items), files, warnings)
+    movies = find_variant(directory, "movies.dat")
+    return ReadPlan(
+        logs=[FileSpec(ratings_path, partial(parse_ratings, sep="::"))],
+        items=[FileSpec(movies, partial(parse_dat_movies, encoding=_guess_encoding(movies)))] if movies else [],
+        item_columns={"title": "string", "genres": "string"}, has_rating=True, warnings=warnings)
+
+
+def plan_ml_csv(directory: Path) -> ReadPlan:
+    """ML-20M / 25M / latest: ``ratings.csv`` and ``movies.csv`` with headers (titles quoted)."""
+    movies = find_variant(directory, "movies.csv")
+    return ReadPlan(
+        logs=[FileSpec(_require(directory, "ratings.csv"), partial(parse_ratings, sep=",", header=True))],
+        items=[FileSpec(movies, parse_csv_movies)] if movies else [],
+        item_columns={"title": "string", "genres": "string"}, has_rating=True)
+
+
+def read_ml100k(directory: Path, bad: BadLines) -> RawLog:
+    return read_plan(plan_ml100k(directory), bad)
+
+
+def read_ml_dat(directory: Path, bad: BadLines, allow_partial: bool = True) -> RawLog:
+    return read_plan(plan_ml_dat(directory, allow_partial), bad)
 
 
 def read_ml_csv(directory: Path, bad: BadLines) -> RawLog:
-    """ML-20M / 25M / latest: ``ratings.csv`` and ``movies.csv`` with headers (titles quoted)."""
-    ratings_path = _require(directory, "ratings.csv")
-    table = read_delimited(ratings_path, sep=",", header=True, bad=bad,
-                           columns={"user": "int64", "item": "int64", "rating": "float64", "ts": "int64"})
-    files = [ratings_path]
-    items = None
-    movies_path = find_variant(directory, "movies.csv")
-    if movies_path is not None:
-        files.append(movies_path)
-        movies = read_delimited(movies_path, sep=",", header=True, quoted=True, bad=bad,
-                                columns={"item_id": "int64", "title": "string", "genres": "string"})
-        items = movies.to_pandas()
-    return RawLog(_ratings_frame(table), _items_with_str_ids(items), files)
-
-
-def _read_item_lines(path: Path, bad: BadLines, encoding: str, sep: str, n_fields: int, make_row,
-                     columns: list[str]) -> pd.DataFrame:
-    """Movie metadata lines (``sep``-separated, first field the numeric id) → one row per movie."""
-    rows = []
-    with open_binary(path) as f:
-        for line_no, text in numbered_lines(f, path, bad, encoding):
-            if not text.strip():
-                continue
-            fields = text.split(sep)
-            if len(fields) != n_fields or not fields[0].isdigit():
-                bad.report(path, line_no, f"expected {n_fields} {sep!r}-separated fields starting with the id", text)
-                continue
-            rows.append(make_row(fields))
-    return pd.DataFrame(rows, columns=columns)
+    return read_plan(plan_ml_csv(directory), bad)
 
 
 def _guess_encoding(path: Path) -> str:
-    """ML-1M is ISO-8859-1, ML-10M is UTF-8: take UTF-8 when the whole file decodes as UTF-8."""
+    """ML-1M is ISO-8859-1, ML-10M is UTF-8: take UTF-8 when the whole file decodes as UTF-8 (decided once per file,
+    before parsing, so every batch of the Spark engine decodes alike)."""
     with open_binary(path) as f:
         data = f.read()
     try:
@@ -118,11 +134,3 @@ def _guess_encoding(path: Path) -> str:
         return "utf-8"
     except UnicodeDecodeError:
         return "latin-1"
-
-
-def _items_with_str_ids(items: pd.DataFrame | None) -> pd.DataFrame | None:
-    if items is None:
-        return None
-    items = items.drop_duplicates("item_id", keep="first").copy()
-    items["item_id"] = items["item_id"].astype(str)
-    return items

@@ -90,3 +90,9 @@ def default_temporal_cutoffs(times: np.ndarray, valid_quantile: float = 0.8,
         return 0, 0
     q = np.quantile(times, [valid_quantile, test_quantile], method="lower")
     return int(q[0]), int(q[1])
+
+
+def lower_quantile_index(n: int, q: float) -> int:
+    """The rank ``default_temporal_cutoffs`` (numpy's ``quantile(method="lower")``) picks among n sorted values,
+    floor((n - 1) q): what an engine that cannot hold every timestamp (Spark) selects instead."""
+    return int(np.floor((n - 1) * np.float64(q)))

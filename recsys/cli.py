@@ -24,7 +24,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pipelines.cli import add_data_commands
+from pipelines.cli import add_data_commands, add_engine_arguments, engine_from_args
 from pipelines.errors import BadInputError, EmptyDatasetError, RawDataMissingError
 from recsys import distributed
 
@@ -34,7 +34,8 @@ USER_ERRORS = (BadInputError, EmptyDatasetError, RawDataMissingError, ValueError
 def cmd_train(args) -> int:
     from recsys.run import parse_overrides, train_run
 
-    result = train_run(args.model, args.dataset, raw_dir=args.raw_dir, data_root=args.data_root, epochs=args.epochs,
+    result = train_run(args.model, args.dataset, raw_dir=args.raw_dir, data_root=args.data_root,
+                       engine=engine_from_args(args), epochs=args.epochs,
                        overrides=parse_overrides(args.set), seed=args.seed, out_dir=args.out,
                        resume=args.resume or distributed.restart_count() > 0,
                        track=not args.no_track, progress=not args.no_progress)
@@ -70,7 +71,8 @@ def cmd_report(args) -> int:
     from recsys.report import run_report
     from recsys.run import parse_overrides
 
-    out = run_report(args.dataset, args.models, raw_dir=args.raw_dir, data_root=args.data_root, epochs=args.epochs,
+    out = run_report(args.dataset, args.models, raw_dir=args.raw_dir, data_root=args.data_root,
+                     engine=engine_from_args(args), epochs=args.epochs,
                      overrides=parse_overrides(args.set), seed=args.seed, track=not args.no_track,
                      resume=distributed.restart_count() > 0)
     if distributed.is_main():
@@ -85,7 +87,7 @@ def cmd_distill(args) -> int:
 
     result = distill_run(args.dataset, args.teacher_layers, args.student_layers,
                          item_table_bundle=args.item_table_bundle, teacher_bundle=args.teacher_bundle,
-                         raw_dir=args.raw_dir, data_root=args.data_root,
+                         raw_dir=args.raw_dir, data_root=args.data_root, engine=engine_from_args(args),
                          epochs=args.epochs, overrides=parse_overrides(args.set), seed=args.seed, out_root=args.out,
                          track=not args.no_track, progress=not args.no_progress,
                          resume=distributed.restart_count() > 0)
@@ -143,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int, default=None)
         p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
         threads(p)
+        add_engine_arguments(p)
 
     def threads(p):
         p.add_argument("--threads", type=int, default=None,

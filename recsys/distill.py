@@ -146,6 +146,7 @@ def distill_run(
     teacher_bundle: str | Path | None = None,
     raw_dir=None,
     data_root=None,
+    engine=None,
     epochs: int | None = None,
     overrides: dict[str, Any] | None = None,
     seed: int | None = None,
@@ -163,7 +164,7 @@ def distill_run(
         if teacher_layers is None:
             raise ValueError("the teacher's depth is needed (--teacher-layers) unless a teacher bundle is reused")
         student_layers = student_depth(teacher_layers, student_layers)  # checked before any data is built
-    ds = resolve_dataset(dataset, raw_dir=raw_dir, data_root=data_root)
+    ds = resolve_dataset(dataset, raw_dir=raw_dir, data_root=data_root, engine=engine)
     reused = reused_teacher(teacher_bundle, ds.content_hash, teacher_layers) if teacher_bundle else None
     if reused is not None:
         teacher_layers = json_config(reused.bundle_dir)["model_config"]["num_layers"]

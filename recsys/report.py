@@ -161,13 +161,13 @@ def distillation_lines(figures: dict) -> list[str]:
     ]
 
 
-def run_report(dataset: str, models: list[str], *, raw_dir=None, data_root=None, epochs: int | None = None,
+def run_report(dataset: str, models: list[str], *, raw_dir=None, data_root=None, engine=None, epochs: int | None = None,
                overrides: dict | None = None, seed: int | None = None, out_root: Path = Path("reports"),
                track: bool = True, resume: bool = False) -> Path:
     """Train and evaluate each of ``models`` and write the report. Under torchrun every rank trains and
     evaluates; rank 0 alone sets the champion and writes the report. ``resume`` continues each model's run from
     its checkpoint where one is left (a restarted job)."""
-    ds = resolve_dataset(dataset, raw_dir=raw_dir, data_root=data_root)
+    ds = resolve_dataset(dataset, raw_dir=raw_dir, data_root=data_root, engine=engine)
     settings = settings_by_model(models, overrides or {})
     results: dict[str, RunResult] = {}
     registered: dict[str, str] = {}  # report row → the registry model its version belongs to

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from pipelines.build import build_dataset
+from pipelines.build import Engine, build_dataset
 from pipelines.cli import parse_settings as parse_overrides  # noqa: F401  (one parser for --set)
 from pipelines.dataset import ProcessedDataset, load_dataset
 from pipelines.jagged import Split
@@ -63,15 +63,17 @@ def history_rows(history: list[dict]) -> list[dict]:
     ]
 
 
-def resolve_dataset(dataset: str | Path | ProcessedDataset, *, raw_dir=None, data_root=None) -> ProcessedDataset:
-    """A loaded dataset, a processed-dataset directory, or a catalogue name (built, or reused when up to date)."""
+def resolve_dataset(dataset: str | Path | ProcessedDataset, *, raw_dir=None, data_root=None,
+                    engine: Engine | None = None) -> ProcessedDataset:
+    """A loaded dataset, a processed-dataset directory, or a catalogue name (built by ``engine``, or reused when up
+    to date)."""
     if isinstance(dataset, ProcessedDataset):
         return dataset
     if (Path(dataset) / "manifest.json").is_file():
         return load_dataset(dataset)
     # under torchrun rank 0 builds (or finds) the dataset first; the other ranks then find it up to date
-    distributed.on_main(lambda: build_dataset(str(dataset), raw_dir, data_root=data_root))
-    return load_dataset(build_dataset(str(dataset), raw_dir, data_root=data_root))
+    distributed.on_main(lambda: build_dataset(str(dataset), raw_dir, data_root=data_root, engine=engine))
+    return load_dataset(build_dataset(str(dataset), raw_dir, data_root=data_root, engine=engine))
 
 
 def train_run(
@@ -80,6 +82,7 @@ def train_run(
     *,
     raw_dir: str | Path | None = None,
     data_root: str | Path | None = None,
+    engine: Engine | None = None,
     epochs: int | None = None,
     overrides: dict[str, Any] | None = None,
     seed: int | None = None,
@@ -97,7 +100,7 @@ def train_run(
     (name → flat dict of figures) merged into ``metrics.json`` and logged with the section name as prefix, so
     the bundle is written once, atomically, with them.
     """
-    ds = resolve_dataset(dataset, raw_dir=raw_dir, data_root=data_root)
+    ds = resolve_dataset(dataset, raw_dir=raw_dir, data_root=data_root, engine=engine)
     distributed.check_same("dataset content hash", ds.content_hash)
     model_over, train_over = split_overrides(model_name, overrides or {})
     if epochs is not None:

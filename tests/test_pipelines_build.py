@@ -233,3 +233,14 @@ def test_ml1m_partial_copy_warns(tmp_path):
     path = build_dataset("ml-1m", shared_dataset("ml-1m"), data_root=tmp_path)
     manifest = json.loads((path / "manifest.json").read_text())
     assert any("PARTIAL" in w for w in manifest["warnings"]) and manifest["counts"]["users"] == 2999
+
+
+def test_lower_quantile_index_is_the_rank_numpy_picks():
+    """The Spark engine selects the cutoffs by rank; that rank must be the one np.quantile(method="lower") uses."""
+    from pipelines.splits import lower_quantile_index
+
+    rng = np.random.default_rng(0)
+    for n in [1, 2, 3, 7, 10, 101, 1000, 12345, 198502]:
+        values = np.sort(rng.integers(0, 10**9, n))
+        for q in [0.0, 0.1, 0.5, 0.8, 0.9, 0.95, 0.999, 1.0, 1 / 3]:
+            assert values[lower_quantile_index(n, q)] == np.quantile(values, q, method="lower")
