@@ -308,9 +308,10 @@ def test_standalone_cluster_on_localhost_builds_identically(tmp_path, messy_part
         done = _recsys("data", "build", "--dataset", "messy", "--input", str(data), "--rating-col", "rating",
                        "--data-root", str(tmp_path / "spark"), "--engine", "spark",
                        "--spark-master", f"spark://127.0.0.1:{port}", "--spark-conf", "spark.driver.memory=1g",
-                       "--spark-conf", "spark.executor.memory=1g", timeout=900)
+                       "--spark-conf", "spark.executor.memory=1g", "--spark-conf", "spark.driver.host=127.0.0.1",
+                       timeout=900)
         assert done.returncode == 0, done.stderr[-3000:]
-        assert b"Launching executor" in worker_log.read_bytes()  # the job really ran on the worker
+        assert b"Asked to launch executor" in worker_log.read_bytes()  # the job really ran on the worker
     finally:
         for proc in (worker, master):
             if proc is not None:
@@ -332,6 +333,7 @@ def _kill_build_midway(args: list[str], target: Path, seconds: float) -> None:
         _wait_for(lambda: any(target.parent.glob(f".{target.name}.tmp-*")) or proc.poll() is not None, 300,
                   "the build's temporary directory")
         time.sleep(seconds)
+        assert proc.poll() is None, "the build ended before the kill; the test would prove nothing"
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -344,7 +346,7 @@ def _assert_nothing_half_written(processed: Path) -> None:
         assert ds.items["item_idx"].tolist() == list(range(1, ds.num_items + 1))
 
 
-@pytest.mark.parametrize("seconds", [1.0, 6.0])
+@pytest.mark.parametrize("seconds", [1.0, 6.0, 12.0])
 def test_sigkill_during_a_build_and_a_rebuild_leaves_nothing_half_written(tmp_path, messy_parts, seconds):
     root = tmp_path / "data"
     args = ["data", "build", "--dataset", "messy", "--input", str(messy_parts / "parquet"), "--rating-col",
