@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import glob
-import itertools
 import json
 from functools import partial
 from pathlib import Path
@@ -55,9 +54,10 @@ def plan_table(path: str | Path, *, user_col: str, item_col: str, time_col: str,
     if file_format == "parquet":
         for file in files:
             _check_columns(file, wanted, pq.read_schema(file).names)
-        sample = pq.ParquetFile(files[0]).iter_batches(batch_size=_TIME_SAMPLE_ROWS, columns=[time_col])
-        epochs = _time_kind(pa.chunked_array(list(itertools.islice(sample, 1)) or [pa.array([], pa.int64())]))
-        parse = partial(parse_parquet_log, **columns, epochs=epochs == "epoch")
+        first = next(pq.ParquetFile(files[0]).iter_batches(batch_size=_TIME_SAMPLE_ROWS, columns=[time_col]), None)
+        sample = first.column(0) if first is not None else pa.array([], pq.read_schema(files[0]).field(time_col).type)
+        epochs = _time_kind(pa.chunked_array([sample])) == "epoch"
+        parse = partial(parse_parquet_log, **columns, epochs=epochs)
         logs = [FileSpec(file, parse, columns=tuple(wanted)) for file in files]
     elif file_format == "csv":
         header = _header(files[0], sep)

@@ -406,6 +406,36 @@ def test_generic_parquet(tmp_path):
     pq.write_table(as_float, tmp_path / "float.pq")
     got = read_table_file(tmp_path / "float.pq", BadLines(), user_col="uid", item_col="iid", time_col="when")
     np.testing.assert_array_equal(got.interactions["ts"].to_numpy(), epochs)
+    # epochs as text and dates as text: the kind is decided from the first rows of the column
+    as_text = table.set_column(2, "when", pa.array([str(t) for t in epochs], pa.string()))
+    pq.write_table(as_text, tmp_path / "text.parquet")
+    got = read_table_file(tmp_path / "text.parquet", BadLines(), user_col="uid", item_col="iid", time_col="when")
+    np.testing.assert_array_equal(got.interactions["ts"].to_numpy(), epochs)
+    dates = pd.to_datetime(epochs, unit="s", utc=True).strftime("%Y-%m-%dT%H:%M:%SZ")
+    pq.write_table(table.set_column(2, "when", pa.array(list(dates), pa.string())), tmp_path / "dates.parquet")
+    got = read_table_file(tmp_path / "dates.parquet", BadLines(), user_col="uid", item_col="iid", time_col="when")
+    np.testing.assert_array_equal(got.interactions["ts"].to_numpy(), epochs)
+
+
+def test_generic_input_directory_and_glob_read_parts_in_path_order(tmp_path):
+    lines = (FIXTURES / "generic" / "log.csv").read_text().splitlines()
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    for i, chunk in enumerate([lines[1:12], lines[12:25], lines[25:]]):
+        (parts / f"part-{i}.csv").write_text("\n".join([lines[0], *chunk]) + "\n")
+    (parts / "_SUCCESS").write_text("")
+    (parts / ".part-0.csv.crc").write_text("x")
+    options = dict(user_col="user_id", item_col="item_id", time_col="timestamp", rating_col="rating")
+    whole = read_table_file(FIXTURES / "generic" / "log.csv", BadLines(), **options)
+    for source in (parts, parts / "part-*.csv"):
+        got = read_table_file(source, BadLines(), **options)
+        pd.testing.assert_frame_equal(got.interactions, whole.interactions)
+        assert [p.name for p in got.files] == ["part-0.csv", "part-1.csv", "part-2.csv"]
+    (parts / "part-3.csv").write_text("item_id,user_id,rating,timestamp,comment\n")
+    with pytest.raises(BadInputError, match="header differs"):
+        read_table_file(parts, BadLines(), **options)
+    with pytest.raises(FileNotFoundError, match="input file not found"):
+        read_table_file(tmp_path / "nothing-*.csv", BadLines(), **options)
 
 
 def test_generic_missing_column_lists_present_columns(tmp_path):

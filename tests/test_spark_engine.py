@@ -95,6 +95,12 @@ def test_catalogue_formats_build_identically(tmp_path, recipe):
     assert_same_dataset(*build_both(tmp_path, recipe, FIXTURES / CATALOGUE_FIXTURES[recipe]))
 
 
+def test_synthetic_recipe_builds_identically(tmp_path):
+    """make eval's default dataset: generated in memory, handed to Spark as a Parquet file, with its item text."""
+    assert_same_dataset(*build_both(tmp_path, "synthetic", num_users=300, num_items=120, num_clusters=6,
+                                    repeat_prob=0.1))
+
+
 @pytest.mark.parametrize("folder", ["amazon-tsv", "p5"])
 def test_shared_amazon_forms_build_identically(tmp_path, folder):
     assert_same_dataset(*build_both(tmp_path, "amazon-beauty", FIXTURES / folder))

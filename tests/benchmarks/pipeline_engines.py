@@ -59,26 +59,30 @@ def write_log(folder: Path, events: int, items: int) -> dict:
     return {"parts": parts, "users_per_part": users, "bytes": size, "seconds": round(time.perf_counter() - start, 1)}
 
 
-def tree_rss(pid: int) -> int:
-    """Resident bytes of ``pid`` and all its descendants (from /proc)."""
+def tree_rss(pid: int) -> dict[str, int]:
+    """Resident bytes of ``pid`` and all its descendants (from /proc), by program name (java, python, ...)."""
     children: dict[int, list[int]] = {}
-    rss: dict[int, int] = {}
+    rss: dict[int, tuple[str, int]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
+                name, rest = f.read().split(" (", 1)[1].rsplit(")", 1)
+            fields = rest.split()
             children.setdefault(int(fields[1]), []).append(int(entry))
-            rss[int(entry)] = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+            rss[int(entry)] = (name, int(fields[21]) * os.sysconf("SC_PAGE_SIZE"))
         except (OSError, IndexError, ValueError):
             continue
-    total, stack = 0, [pid]
+    by_name: dict[str, int] = {}
+    stack = [pid]
     while stack:
         p = stack.pop()
-        total += rss.get(p, 0)
+        if p in rss:
+            name = "python" if rss[p][0].startswith("python") else rss[p][0]
+            by_name[name] = by_name.get(name, 0) + rss[p][1]
         stack.extend(children.get(p, []))
-    return total
+    return by_name
 
 
 def run_watched(command: list[str], cap_bytes: int, env: dict | None = None) -> dict:
@@ -86,9 +90,11 @@ def run_watched(command: list[str], cap_bytes: int, env: dict | None = None) -> 
     start = time.perf_counter()
     proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True, env=env)
-    peak, status = 0, "ok"
+    peak, at_peak, status = 0, {}, "ok"
     while proc.poll() is None:
-        peak = max(peak, tree_rss(proc.pid))
+        now = tree_rss(proc.pid)
+        if sum(now.values()) > peak:
+            peak, at_peak = sum(now.values()), now
         if peak > cap_bytes:
             os.killpg(proc.pid, signal.SIGKILL)
             status = "over memory cap"
@@ -99,6 +105,7 @@ def run_watched(command: list[str], cap_bytes: int, env: dict | None = None) -> 
     if status == "ok" and proc.returncode != 0:
         status = f"failed: {err.strip().splitlines()[-1] if err.strip() else proc.returncode}"
     return {"status": status, "seconds": round(seconds, 1), "peak_rss_gb": round(peak / 2**30, 2),
+            "at_peak_gb_by_program": {k: round(v / 2**30, 2) for k, v in at_peak.items()},
             "path": out.strip().splitlines()[-1] if status == "ok" and out.strip() else None}
 
 
