@@ -48,6 +48,10 @@ pq.write_table(pa.Table.from_pandas(frame[["user_id", "item_id", "ts"]], preserv
 
 
 def write_log(folder: Path, events: int, items: int) -> dict:
+    """The log's part files (reused when a complete earlier copy is in ``folder``)."""
+    marker = folder / "_COMPLETE"  # names starting with _ are not data (pipelines.readers_generic.input_files)
+    if marker.is_file():
+        return json.loads(marker.read_text())
     folder.mkdir(parents=True, exist_ok=True)
     parts = max(1, round(events / _EVENTS_PER_PART))
     users = events // _MEAN_LEN // parts
@@ -56,7 +60,9 @@ def write_log(folder: Path, events: int, items: int) -> dict:
         subprocess.run([sys.executable, "-c", WRITE_PARTS.format(repo=str(REPO)), str(folder), str(part), str(users),
                         str(items)], check=True)
     size = sum(p.stat().st_size for p in folder.iterdir())
-    return {"parts": parts, "users_per_part": users, "bytes": size, "seconds": round(time.perf_counter() - start, 1)}
+    info = {"parts": parts, "users_per_part": users, "bytes": size, "seconds": round(time.perf_counter() - start, 1)}
+    marker.write_text(json.dumps(info))
+    return info
 
 
 def tree_rss(pid: int) -> dict[str, int]:
@@ -118,7 +124,7 @@ def build_command(parts: Path, root: Path, engine: str) -> list[str]:
     return command
 
 
-def bench(events: int, work: Path, cap_gb: float, engines: list[str]) -> dict:
+def bench(events: int, work: Path, cap_gb: float, engines: list[str], keep_log: bool) -> dict:
     parts = work / f"log-{events}"
     result = {"events_requested": events, "log": write_log(parts, events, items=max(10_000, events // 1000))}
     for engine in engines:
@@ -134,7 +140,8 @@ def bench(events: int, work: Path, cap_gb: float, engines: list[str]) -> dict:
         result["same_content_hash"] = result[done[0]]["content_hash"] == result[done[1]]["content_hash"]
         result["ratio_spark_to_inprocess_seconds"] = round(result["spark"]["seconds"] /
                                                            result["inprocess"]["seconds"], 2)
-    shutil.rmtree(parts, ignore_errors=True)
+    if not keep_log:
+        shutil.rmtree(parts, ignore_errors=True)
     return result
 
 
@@ -143,14 +150,15 @@ def main() -> None:
     parser.add_argument("--events", type=int, nargs="+", default=[20_000_000, 100_000_000])
     parser.add_argument("--engines", nargs="+", default=["inprocess", "spark"])
     parser.add_argument("--memory-cap-gb", type=float, default=20.0)
-    parser.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
+    parser.add_argument("--work", default=None, help="scratch folder, where the logs are kept for the next run "
+                        "(default: a temporary one, removed)")
     parser.add_argument("--out", default=str(REPO / "reports" / "benchmarks" / "pipeline_engines.json"))
     args = parser.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="engines-"))
     report = {"machine": {"cores": os.cpu_count()}, "memory_cap_gb": args.memory_cap_gb,
               "spark": {"master": "local[2]", "driver_memory": "4g"}, "runs": []}
     for events in args.events:
-        report["runs"].append(bench(events, work, args.memory_cap_gb, args.engines))
+        report["runs"].append(bench(events, work, args.memory_cap_gb, args.engines, keep_log=args.work is not None))
         print(json.dumps(report["runs"][-1], indent=2), flush=True)
         atomic_write_bytes(args.out, json.dumps(report, indent=2).encode())
     print(f"wrote {args.out}", file=sys.stderr)
