@@ -49,14 +49,21 @@ _DEFAULT_CONF = {
     "spark.sql.execution.arrow.maxRecordsPerBatch": "100000",
     "spark.sql.shuffle.partitions": "16",
 }
+# Materialised intermediate results go to the workers' local disks, never to the JVM heap: caching 100M parsed rows
+# in memory ran a 4 GB driver out of heap (MEMORY_AND_DISK unrolls a whole partition on the heap first).
+_ON_DISK = StorageLevel.DISK_ONLY
 _ROWS_PER_GROUP = 1 << 20  # events per row group of the consolidated Parquet files
 _COLLECT_ALL_BELOW = 2_000_000  # timestamps: below this many, the driver sorts them all; above, it brackets first
 
 
 def spark_session(master: str | None = None, conf: dict[str, str] | None = None) -> tuple[SparkSession, bool]:
-    """The active session (tests, notebooks), or a new one on ``master`` with ``conf``; True when it is ours to stop."""
+    """The session already running in this process (a notebook, the tests), or a new one on ``master`` with
+    ``conf``; True when it is ours to stop. A running session is never replaced (Spark allows one per process)."""
     active = SparkSession.getActiveSession()
-    if active is not None and master is None and not conf:
+    if active is not None:
+        if master or conf:
+            print(f"using the Spark session already running here ({active.sparkContext.master}); "
+                  "--spark-master / --spark-conf apply to new sessions only", file=sys.stderr)
         return active, False
     # Workers run this interpreter, which has the platform installed (a cluster's nodes need the same install).
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
@@ -80,7 +87,7 @@ def build_with_spark(plan: ReadPlan, settings: dict, bad: BadLines, directory: P
         log, stats = _clean(log, plan.has_rating, settings)
         users, items = _number(log)
         log = log.join(users.select("user", "user_idx"), "user").join(items.select("item", "item_idx"), "item")
-        log = log.select("user_idx", "item_idx", "ts", *SOURCE).localCheckpoint()
+        log = _materialised(log.select("user_idx", "item_idx", "ts", *SOURCE))
         stats["has_repeats"] = bool(log.groupBy("user_idx", "item_idx").count().filter("count > 1").limit(1).count())
         n = int(log.count())
         cutoffs = _temporal_cutoffs(log, n, settings["temporal_valid_quantile"], settings["temporal_test_quantile"])
@@ -120,7 +127,7 @@ def _read(spark: SparkSession, plan: ReadPlan, bad: BadLines, scratch: Path) -> 
         parse = partial(parse_parquet_log, user_col="user", item_col="item", time_col="ts",
                         rating_col="rating" if "rating" in columns else None, epochs=True)
         specs = [FileSpec(path, parse, columns=tuple(columns))]
-    parsed = _parse(spark, specs, LOG_SCHEMA).persist(StorageLevel.MEMORY_AND_DISK)
+    parsed = _parse(spark, specs, LOG_SCHEMA).persist(_ON_DISK)
     collect_bad_lines(parsed, specs, bad)
     log = parsed.filter(F.col("bad_reason").isNull()).select("user", "item", "ts", "rating", *SOURCE)
     for column, mapping in plan.id_maps.items():
@@ -133,7 +140,7 @@ def _read(spark: SparkSession, plan: ReadPlan, bad: BadLines, scratch: Path) -> 
         if any(s.needs_log_items for s in plan.items):
             wanted = {row.item for row in log.select("item").distinct().collect()}
         schema = item_schema(plan.item_columns)
-        parsed_items = _parse(spark, plan.items, schema, wanted).persist(StorageLevel.MEMORY_AND_DISK)
+        parsed_items = _parse(spark, plan.items, schema, wanted).persist(_ON_DISK)
         collect_bad_lines(parsed_items, plan.items, bad)
         text = parsed_items.filter(F.col("bad_reason").isNull())
     elif plan.items_frame is not None:
@@ -210,7 +217,7 @@ def _kcore(log: DataFrame, n: int, min_user: int, min_item: int) -> tuple[DataFr
             if least > 1:
                 count = F.count("*").over(Window.partitionBy(column))
                 log = log.withColumn("_n", count).filter(F.col("_n") >= least).drop("_n")
-        log = log.localCheckpoint()  # materialise the pass; the next one starts from here, not from the raw files
+        log = _materialised(log)  # the next pass starts from here, not from the raw files
         n = log.count()
         if n == before or before == 0:
             return log, passes, n
@@ -226,13 +233,18 @@ def _number(log: DataFrame) -> tuple[DataFrame, DataFrame]:
     return users, items
 
 
+def _materialised(frame: DataFrame) -> DataFrame:
+    """``frame`` computed once and kept on local disk, its lineage cut (later jobs read these very partitions)."""
+    return frame.localCheckpoint(eager=True, storageLevel=_ON_DISK)
+
+
 def _ranked(frame: DataFrame, key: str, name: str, start: int) -> DataFrame:
     """``frame`` with ``name`` = start + its position in ``key`` order (keys are unique).
 
     After a global sort, partition p holds the p-th range; ``monotonically_increasing_id`` is (p << 33) + the row's
     place in its partition, so the position is the rows of the partitions before p plus that place.
     """
-    ordered = frame.orderBy(key).localCheckpoint()
+    ordered = _materialised(frame.orderBy(key))
     placed = ordered.withColumn("_p", F.spark_partition_id()).withColumn("_m", F.monotonically_increasing_id())
     counts = sorted((row["_p"], row["count"]) for row in placed.groupBy("_p").count().collect())
     offsets, total = [], start
@@ -241,8 +253,8 @@ def _ranked(frame: DataFrame, key: str, name: str, start: int) -> DataFrame:
         total += count
     bases = frame.sparkSession.createDataFrame(offsets, "_p int, _base long")
     position = F.col("_base") + F.col("_m") - F.shiftleft(F.col("_p").cast("long"), 33)
-    return (placed.join(F.broadcast(bases), "_p").withColumn(name, position.cast("int"))
-            .drop("_p", "_m", "_base").localCheckpoint())
+    return _materialised(placed.join(F.broadcast(bases), "_p").withColumn(name, position.cast("int"))
+                         .drop("_p", "_m", "_base"))
 
 
 def _temporal_cutoffs(log: DataFrame, n: int, valid_q: float, test_q: float) -> tuple[int, int]:
