@@ -162,6 +162,94 @@ class LastPositionTrainBatches:
         return -(-self.num_targets() // self.batch_size)
 
 
+def cloze_mask(
+    items: np.ndarray, lengths: np.ndarray, mask_last: np.ndarray, mask_prob: float, max_predictions: int,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """Boolean (B, W) mask of the positions to hide in left-padded ``items`` (B, W) whose rows hold ``lengths``
+    items. Rows flagged in ``mask_last`` hide only their last item; the others hide
+    n = min(max_predictions, max(1, round(m·ρ))) positions drawn uniformly among their m items (half rounds up).
+    Pads are never chosen: their random keys sort after every real position and n ≤ m."""
+    b, w = items.shape
+    keys = rng.random((b, w))
+    keys[items == 0] = 2.0
+    ranks = np.argsort(np.argsort(keys, axis=1, kind="stable"), axis=1, kind="stable")
+    n = np.minimum(max_predictions, np.maximum(1, np.floor(lengths * mask_prob + 0.5).astype(np.int64)))
+    n = np.minimum(n, lengths)
+    masked = ranks < n[:, None]
+    masked[mask_last] = False
+    masked[mask_last, -1] = True
+    return masked
+
+
+class ClozeTrainBatches:
+    """BERT4Rec's cloze training data (model-specs §2): windows over each training history, masked afresh every
+    epoch, plus mask-last instances for a ``mask_last_prob`` share of the windows.
+
+    ``items`` holds the masked input (masked positions replaced by ``mask_token``), ``targets`` the original item
+    at masked positions and 0 elsewhere, so the trainer counts the masked positions as supervised targets.
+    Only indices into ``train`` are stored, never copies of the windows.
+    """
+
+    def __init__(
+        self, users: np.ndarray, train: Jagged, max_len: int, batch_size: int, mask_token: int,
+        mask_prob: float, max_predictions: int, mask_last_prob: float = 0.1, window_step: float = 0.1,
+        mask_last_prefix: bool = False,
+    ):
+        self.train = train
+        self.batch_size = batch_size
+        self.mask_token = mask_token
+        self.mask_prob = mask_prob
+        self.max_predictions = max_predictions
+        self.mask_last_prob = mask_last_prob
+        self.mask_last_prefix = mask_last_prefix
+        step = max(1, int(window_step * max_len))
+        lengths = train.lengths()
+        rows = np.flatnonzero(lengths >= 1)
+        extra = lengths[rows] - max_len
+        # windows ending at the last item, then every ``step`` items earlier while they start after item 0, plus
+        # the window holding the first max_len items (gen_data_fin.py: range(len − L, 0, −step) + [0])
+        count = np.where(extra > 0, -(-extra // step) + 1, 1)
+        row_of = np.repeat(rows, count)
+        nth = np.arange(len(row_of)) - np.repeat(np.cumsum(count) - count, count)
+        start = np.maximum(np.repeat(extra, count) - nth * step, 0)
+        end = np.minimum(start + max_len, lengths[row_of])
+        self.starts = train.offsets[row_of] + start
+        self.ends = train.offsets[row_of] + end
+        self.users = np.asarray(users)[row_of]
+        self.lengths = self.ends - self.starts
+
+    def num_instances(self) -> int:
+        return len(self.lengths) + int(round(self.mask_last_prob * len(self.lengths)))
+
+    def epoch(self, rng: np.random.Generator) -> Iterator[SequenceBatch]:
+        n = len(self.lengths)
+        extra = rng.choice(n, size=self.num_instances() - n, replace=False)
+        windows = np.concatenate([np.arange(n), extra])
+        mask_last = np.arange(len(windows)) >= n
+        starts, ends = self.starts[windows], self.ends[windows]  # fancy indexing: fresh arrays, safe to edit
+        if self.mask_last_prefix:
+            # a cut point uniform over the window's prefixes of ≥ 2 items (the whole 1-item window otherwise)
+            window = self.lengths[extra]
+            shortest = np.minimum(window, 2)
+            ends[n:] = starts[n:] + shortest + (rng.random(len(extra)) * (window - shortest + 1)).astype(np.int64)
+        lengths = ends - starts
+        for picked in length_bucketed_batches(lengths, self.batch_size, rng):
+            width = int(lengths[picked].max())
+            items = _left_pad([self.train.items[s:e] for s, e in zip(starts[picked], ends[picked])], width, np.int64)
+            times = _left_pad([self.train.times[s:e] for s, e in zip(starts[picked], ends[picked])], width, np.int64)
+            masked = cloze_mask(items, lengths[picked], mask_last[picked], self.mask_prob, self.max_predictions, rng)
+            yield SequenceBatch(
+                items=torch.from_numpy(np.where(masked, self.mask_token, items)),
+                times=torch.from_numpy(times),
+                targets=torch.from_numpy(np.where(masked, items, 0)),
+                user_idx=torch.from_numpy(self.users[windows[picked]].astype(np.int64)),
+            )
+
+    def __len__(self) -> int:
+        return -(-self.num_instances() // self.batch_size)
+
+
 @dataclass
 class EvalBatch:
     batch: SequenceBatch

@@ -32,6 +32,13 @@ class SequenceLoss:
     def from_config(cls, config) -> "SequenceLoss":
         return cls()
 
+    @staticmethod
+    def data_parallel_weight(local_targets: int, global_targets: int, world: int) -> float:
+        """The factor on a rank's mean loss under DistributedDataParallel, which averages gradients over ranks:
+        (local mean × local targets) / global targets × world, so the averaged gradient is the one-process
+        gradient of the mean over the global batch (a rank with no targets contributes 0)."""
+        return local_targets * world / max(global_targets, 1)
+
     def prepare(self, item_counts: np.ndarray) -> None:
         """Called once before training (``SequentialModel.prepare_training``, from ``Trainer.fit``) with
         ``item_counts`` (V+1,): how often each item is a target in the TRAINING split (index 0 = padding, 0).
@@ -278,24 +285,3 @@ def build_loss(config) -> SequenceLoss:
     if config.loss not in LOSSES:
         raise ValueError(f"unknown loss {config.loss!r}; available: {sorted(LOSSES)}")
     return LOSSES[config.loss].from_config(config)
-
-
-def supervised_loss(loss_fn: SequenceLoss, states: torch.Tensor, batch, item_table: torch.Tensor) -> torch.Tensor:
-    """``loss_fn`` at the supervised positions of per-position ``states`` (B, T, d): those where
-    ``batch.targets`` is non-zero (every position for causal batches, the last column for last-position ones)."""
-    supervised = batch.targets != 0
-    row_items = None
-    if loss_fn.needs_row_items:
-        rows = torch.nonzero(supervised)[:, 0]
-        row_items = torch.cat([batch.items, batch.targets], dim=1)[rows]
-    return loss_fn(states[supervised], batch.targets[supervised], item_table, row_items)
-
-
-def last_position_loss(loss_fn: SequenceLoss, hidden: torch.Tensor, batch, item_table: torch.Tensor) -> torch.Tensor:
-    """``loss_fn`` on the last column only, for look-ahead models (SIGMA, TiM4Rec): ``hidden`` (B, d) is the
-    state after the whole input, which never contains its target, and no earlier column (whose state has looked
-    ahead at later items) is ever supervised. Rows without a target (``batch.targets[:, -1] == 0``) are skipped."""
-    targets = batch.targets[:, -1]
-    rows = targets != 0
-    row_items = torch.cat([batch.items, targets[:, None]], dim=1)[rows] if loss_fn.needs_row_items else None
-    return loss_fn(hidden[rows], targets[rows], item_table, row_items)

@@ -36,6 +36,7 @@ from pipelines.atomic import atomic_write_bytes
 from recsys import distributed
 from recsys.batching import SequenceBatch
 from recsys.evaluation import cutoffs, evaluate
+from recsys.losses import SequenceLoss
 from recsys.models.base import SequentialModel
 
 SELECTION_METRIC = "ndcg@10"
@@ -303,9 +304,7 @@ class Trainer:
             batch = batch.to(self.device)
             n_global = int((global_batch.targets != 0).sum())
             n_local = int((batch.targets != 0).sum()) if real else 0
-            # loss = (local mean × local targets) / global targets × world; DDP's mean over ranks then gives the
-            # one-process mean over the global batch
-            weight = torch.tensor(n_local * world / max(n_global, 1), device=self.device)
+            weight = torch.tensor(SequenceLoss.data_parallel_weight(n_local, n_global, world), device=self.device)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16"):
                 loss = step_module(batch, weight)
             optimizer.zero_grad(set_to_none=True)

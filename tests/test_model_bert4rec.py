@@ -10,9 +10,9 @@ import torch.nn.functional as F
 
 import recsys.models.bert4rec  # noqa: F401  (registers "bert4rec")
 from pipelines.jagged import Jagged
-from recsys.batching import SequenceBatch, pad_histories
+from recsys.batching import ClozeTrainBatches, SequenceBatch, cloze_mask, pad_histories
 from recsys.models.base import build_model, model_class
-from recsys.models.bert4rec import BERT4Rec, ClozeTrainBatches, cloze_mask
+from recsys.models.bert4rec import BERT4Rec
 from recsys.trainer import TrainConfig
 from tests.helpers import left_padded_batch, toy_split
 
@@ -137,7 +137,7 @@ def direct_logits(model, rows):
     for i, row in enumerate(rows):
         row = list(row)[-(width - 1):] + [NUM_ITEMS + 1]
         items[i, width - len(row):] = torch.tensor(row)
-    h = model.sequence_states(items)[:, -1]
+    h = model.sequence_states(SequenceBatch(items, items))[:, -1]
     o = model.head[2](F.gelu(h @ model.head[0].weight.T + model.head[0].bias, approximate="tanh"))
     return o @ model.item_embedding.weight[1: NUM_ITEMS + 1].T + model.output_bias[1:]
 
@@ -159,7 +159,7 @@ def test_dot_product_contract_reproduces_the_logits_and_the_loss():
     targets = torch.tensor([[0, 0, 0, 4, 0, 6], [0, 8, 0, 0, 0, 0]])
     with torch.no_grad():
         loss = model.loss(SequenceBatch(items=items, times=items, targets=targets))
-        h = model.sequence_states(items)[targets != 0]
+        h = model.sequence_states(SequenceBatch(items, items))[targets != 0]
         o = model.head(h)
         logits = o @ model.item_embedding.weight[1: NUM_ITEMS + 1].T + model.output_bias[1:]
         expected = F.cross_entropy(logits, targets[targets != 0] - 1)

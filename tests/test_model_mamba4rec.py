@@ -12,7 +12,8 @@ import recsys.models.mamba4rec  # noqa: F401  (registers "mamba4rec")
 from pipelines.jagged import Jagged
 from recsys.batching import CausalTrainBatches
 from recsys.models.base import MODELS, build_model
-from recsys.models.mamba4rec import Mamba4Rec, MambaBlock
+from recsys.models.mamba4rec import Mamba4Rec
+from recsys.nn import MambaBlock
 from tests.helpers import left_padded_batch, rel_err
 
 NUM_ITEMS = 20
@@ -59,7 +60,7 @@ def test_mamba4rec_is_causal():
     a = left_padded_batch([[3, 4, 5, 6, 7]], 5)
     b = left_padded_batch([[3, 4, 5, 12, 13]], 5)
     with torch.no_grad():
-        sa, sb = model.sequence_states(a.items), model.sequence_states(b.items)
+        sa, sb = model.sequence_states(a), model.sequence_states(b)
     torch.testing.assert_close(sa[:, :3], sb[:, :3])
     assert not torch.allclose(sa[:, 3:], sb[:, 3:])
 

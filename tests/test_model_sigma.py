@@ -10,8 +10,8 @@ from pipelines.jagged import Jagged
 from recsys.batching import LastPositionTrainBatches
 from recsys.losses import SequenceLoss
 from recsys.models.base import MODELS, build_model
-from recsys.models.mamba4rec import MambaBlock
 from recsys.models.sigma import SIGMA, GMambaBlock, partial_flip, partial_flip_index
+from recsys.nn import MambaBlock
 from tests.helpers import left_padded_batch
 
 NUM_ITEMS = 20
@@ -75,8 +75,8 @@ def test_sigma_looks_ahead_so_it_trains_at_the_last_position_only():
     model = build_model("sigma", NUM_ITEMS, TINY).eval()
     # an earlier column's state depends on later items (flip and non-causal conv): all-position training would leak
     with torch.no_grad():
-        a = model.sequence_states(left_padded_batch([[3, 4, 5, 6, 7]], 5).items)
-        b = model.sequence_states(left_padded_batch([[3, 4, 5, 6, 13]], 5).items)
+        a = model.sequence_states(left_padded_batch([[3, 4, 5, 6, 7]], 5))
+        b = model.sequence_states(left_padded_batch([[3, 4, 5, 6, 13]], 5))
     assert not torch.allclose(a[:, :4], b[:, :4])
 
     train = successor_data(num_rows=30)

@@ -51,7 +51,7 @@ def liven_time_path(model, std=0.3):
                 if module.bias is not None:
                     module.bias.normal_(std=std)
         for layer in model.layers:
-            layer.ssd.dt_bias.fill_(0.5)
+            layer.mixer.dt_bias.fill_(0.5)
     return model
 
 
@@ -313,7 +313,7 @@ def test_registration_and_config():
 
 def test_mamba2_specific_inits_and_no_weight_decay_markers():
     torch.manual_seed(0)
-    block = build_model("tim4rec", NUM_ITEMS).layers[0].ssd
+    block = build_model("tim4rec", NUM_ITEMS).layers[0].mixer
     A = torch.exp(block.A_log)
     assert ((A >= 1) & (A <= 16)).all()
     dt = torch.nn.functional.softplus(block.dt_bias)

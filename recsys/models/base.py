@@ -16,7 +16,8 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from pipelines.jagged import Jagged
-from recsys.batching import CausalTrainBatches, SequenceBatch
+from recsys.batching import SequenceBatch
+from recsys.supervision import EveryPosition, Supervision
 
 MODELS: dict[str, type["SequentialModel"]] = {}
 
@@ -43,14 +44,29 @@ class SequentialModel(nn.Module):
         self.config = config
         self.num_items = num_items
 
-    def encode(self, batch: SequenceBatch) -> torch.Tensor:
+    # What the model learns from (batches and supervised positions); models that look ahead or mask override it.
+    supervision: Supervision = EveryPosition()
+
+    def sequence_states(self, batch: SequenceBatch) -> torch.Tensor:
+        """The encoder's output at every position, (B, T, d), for a left-padded batch."""
         raise NotImplementedError
+
+    def queries(self, states: torch.Tensor) -> torch.Tensor:
+        """Query vectors scored against ``item_embeddings()`` from encoder states (N, d): themselves by default;
+        a model with an output transform or bias (BERT4Rec) maps them here."""
+        return states
+
+    def encode(self, batch: SequenceBatch) -> torch.Tensor:
+        """The query (B, d) at the prediction point, the last column."""
+        return self.queries(self.sequence_states(batch)[:, -1, :])
 
     def item_embeddings(self) -> torch.Tensor:
-        raise NotImplementedError
+        """The scoring table (V + 1, d), row 0 padding: the tied input table by default."""
+        return self.item_embedding.weight
 
     def loss(self, batch: SequenceBatch) -> torch.Tensor:
-        raise NotImplementedError
+        """The loss object ``self.loss_fn`` at the positions ``self.supervision`` supervises."""
+        return self.supervision.loss(self, batch)
 
     def similar_item_vectors(self) -> torch.Tensor:
         """Item vectors (V + 1, d), row 0 padding, whose cosine similarity defines "similar items" (the service's
@@ -86,8 +102,8 @@ class SequentialModel(nn.Module):
 
     def train_batches(self, users: np.ndarray, train: Jagged, batch_size: int):
         """The training batches this model learns from: an object with ``epoch(rng)`` yielding SequenceBatches
-        and ``__len__``. Causal models train on every position at once; models that look ahead override this."""
-        return CausalTrainBatches(users, train, self.config.max_len, batch_size)
+        and ``__len__``, as ``self.supervision`` decides."""
+        return self.supervision.batches(users, train, self.config.max_len, batch_size)
 
     def fit(self, users: np.ndarray, train: Jagged) -> None:
         """Closed-form fit for non-trainable baselines."""
@@ -95,16 +111,6 @@ class SequentialModel(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
-
-
-def left_pad_positions(items: torch.Tensor, max_len: int) -> torch.Tensor:
-    """Position ids for left-padded ``items`` (B, T): the last column is ``max_len`` whatever T is, so a history
-    gets the same position embeddings at any batch width (padding never changes a score); pads get 0."""
-    width = items.shape[1]
-    if width > max_len:
-        raise ValueError(f"sequence of width {width} exceeds max_len {max_len}")
-    positions = torch.arange(max_len - width + 1, max_len + 1, device=items.device)
-    return positions.expand_as(items).masked_fill(items == 0, 0)
 
 
 def register(cls: type[SequentialModel]) -> type[SequentialModel]:

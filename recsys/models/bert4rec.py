@@ -38,11 +38,7 @@ window, its end; on short histories such as Amazon's (about 7 training items a u
 per user and epoch, while SASRec learns from every prefix. With ``mask_last_prefix`` a mask-last instance is a
 prefix of its window ending at a cut point drawn afresh each epoch (uniform over the prefixes of at least 2 items),
 like the sampled prefix cut points of SIGMA's training; it still sits at the right edge, so its [MASK] has position
-``max_len`` as at inference. The cloze instances are unchanged. Measured on Amazon Beauty (README, exclusion on,
-HR@10 / NDCG@10): the reference's mask-last instances reach 0.0579 / 0.0304 (100-epoch schedule, early stop at 58,
-best 38) and 0.0574 / 0.0311 with ``mask_last_prob=0.5`` (40 epochs); one prefix instance per window reaches 0.0615
-/ 0.0324 in 40 epochs and 0.0665 / 0.0362 in 80, still improving at the last epoch (all with the reference's weight
-decay of 0.01; the default is now 0.1, see ``BERT4Rec.train_defaults``).
+``max_len`` as at inference. The cloze instances are unchanged (docs/results.md has the measurements).
 
 **Windows** (``gen_data_fin.py``): a history of at most ``max_len`` items is one window; a longer one is cut into
 windows of ``max_len`` items ending at its last item and every ``step`` items earlier, plus the first ``max_len``
@@ -51,17 +47,16 @@ items, with step = int(``window_step``·max_len) (0.1 for Amazon data, 0.5 for M
 
 from __future__ import annotations
 
-from typing import Iterator
-
-import numpy as np
 import torch
 from pydantic import Field
 from torch import nn
 
-from kernels import attention, linear_cross_entropy
-from pipelines.jagged import Jagged
-from recsys.batching import SequenceBatch, _left_pad, length_bucketed_batches
-from recsys.models.base import left_pad_positions, ModelConfig, SequentialModel, register
+from recsys.batching import SequenceBatch
+from recsys.losses import FullCrossEntropy
+from recsys.models.base import ModelConfig, SequentialModel, register
+from recsys.nn import (FeedForward, ItemEmbedding, MultiHeadSelfAttention, PositionEmbedding, biased_queries,
+                       biased_table, truncated_normal_init)
+from recsys.supervision import Cloze
 
 
 class BERT4RecConfig(ModelConfig):
@@ -93,129 +88,20 @@ class BERT4RecConfig(ModelConfig):
     layer_norm_eps: float = 1e-12
 
 
-def cloze_mask(
-    items: np.ndarray, lengths: np.ndarray, mask_last: np.ndarray, mask_prob: float, max_predictions: int,
-    rng: np.random.Generator,
-) -> np.ndarray:
-    """Boolean (B, W) mask of the positions to hide in left-padded ``items`` (B, W) whose rows hold ``lengths``
-    items. Rows flagged in ``mask_last`` hide only their last item; the others hide
-    n = min(max_predictions, max(1, round(m·ρ))) positions drawn uniformly among their m items (half rounds up).
-    Pads are never chosen: their random keys sort after every real position and n ≤ m."""
-    b, w = items.shape
-    keys = rng.random((b, w))
-    keys[items == 0] = 2.0
-    ranks = np.argsort(np.argsort(keys, axis=1, kind="stable"), axis=1, kind="stable")
-    n = np.minimum(max_predictions, np.maximum(1, np.floor(lengths * mask_prob + 0.5).astype(np.int64)))
-    n = np.minimum(n, lengths)
-    masked = ranks < n[:, None]
-    masked[mask_last] = False
-    masked[mask_last, -1] = True
-    return masked
-
-
-class ClozeTrainBatches:
-    """BERT4Rec's cloze training data (model-specs §2): windows over each training history, masked afresh every
-    epoch, plus mask-last instances for a ``mask_last_prob`` share of the windows.
-
-    ``items`` holds the masked input (masked positions replaced by ``mask_token``), ``targets`` the original item
-    at masked positions and 0 elsewhere, so the trainer counts the masked positions as supervised targets.
-    Only indices into ``train`` are stored, never copies of the windows.
-    """
-
-    def __init__(
-        self, users: np.ndarray, train: Jagged, max_len: int, batch_size: int, mask_token: int,
-        mask_prob: float, max_predictions: int, mask_last_prob: float = 0.1, window_step: float = 0.1,
-        mask_last_prefix: bool = False,
-    ):
-        self.train = train
-        self.batch_size = batch_size
-        self.mask_token = mask_token
-        self.mask_prob = mask_prob
-        self.max_predictions = max_predictions
-        self.mask_last_prob = mask_last_prob
-        self.mask_last_prefix = mask_last_prefix
-        step = max(1, int(window_step * max_len))
-        lengths = train.lengths()
-        rows = np.flatnonzero(lengths >= 1)
-        extra = lengths[rows] - max_len
-        # windows ending at the last item, then every ``step`` items earlier while they start after item 0, plus
-        # the window holding the first max_len items (gen_data_fin.py: range(len − L, 0, −step) + [0])
-        count = np.where(extra > 0, -(-extra // step) + 1, 1)
-        row_of = np.repeat(rows, count)
-        nth = np.arange(len(row_of)) - np.repeat(np.cumsum(count) - count, count)
-        start = np.maximum(np.repeat(extra, count) - nth * step, 0)
-        end = np.minimum(start + max_len, lengths[row_of])
-        self.starts = train.offsets[row_of] + start
-        self.ends = train.offsets[row_of] + end
-        self.users = np.asarray(users)[row_of]
-        self.lengths = self.ends - self.starts
-
-    def num_instances(self) -> int:
-        return len(self.lengths) + int(round(self.mask_last_prob * len(self.lengths)))
-
-    def epoch(self, rng: np.random.Generator) -> Iterator[SequenceBatch]:
-        n = len(self.lengths)
-        extra = rng.choice(n, size=self.num_instances() - n, replace=False)
-        windows = np.concatenate([np.arange(n), extra])
-        mask_last = np.arange(len(windows)) >= n
-        starts, ends = self.starts[windows], self.ends[windows]  # fancy indexing: fresh arrays, safe to edit
-        if self.mask_last_prefix:
-            # a cut point uniform over the window's prefixes of ≥ 2 items (the whole 1-item window otherwise)
-            window = self.lengths[extra]
-            shortest = np.minimum(window, 2)
-            ends[n:] = starts[n:] + shortest + (rng.random(len(extra)) * (window - shortest + 1)).astype(np.int64)
-        lengths = ends - starts
-        for picked in length_bucketed_batches(lengths, self.batch_size, rng):
-            width = int(lengths[picked].max())
-            items = _left_pad([self.train.items[s:e] for s, e in zip(starts[picked], ends[picked])], width, np.int64)
-            times = _left_pad([self.train.times[s:e] for s, e in zip(starts[picked], ends[picked])], width, np.int64)
-            masked = cloze_mask(items, lengths[picked], mask_last[picked], self.mask_prob, self.max_predictions, rng)
-            yield SequenceBatch(
-                items=torch.from_numpy(np.where(masked, self.mask_token, items)),
-                times=torch.from_numpy(times),
-                targets=torch.from_numpy(np.where(masked, items, 0)),
-                user_idx=torch.from_numpy(self.users[windows[picked]].astype(np.int64)),
-            )
-
-    def __len__(self) -> int:
-        return -(-self.num_instances() // self.batch_size)
-
-
-class BidirectionalSelfAttention(nn.Module):
-    """Multi-head self-attention over all non-pad keys (paper §3.3, MH and Attention), attention-probability
-    dropout."""
-
-    def __init__(self, hidden: int, heads: int, dropout: float):
-        super().__init__()
-        if hidden % heads:
-            raise ValueError(f"hidden_size {hidden} is not divisible by num_heads {heads}")
-        self.heads = heads
-        self.dropout = dropout
-        self.qkv = nn.Linear(hidden, 3 * hidden)
-        self.out = nn.Linear(hidden, hidden)
-
-    def forward(self, x: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
-        b, t, d = x.shape
-        q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in self.qkv(x).chunk(3, dim=-1))
-        out = attention(q, k, v, causal=False, key_padding_mask=padding,
-                        dropout_p=self.dropout if self.training else 0.0)
-        return self.out(out.transpose(1, 2).reshape(b, t, d))
-
-
 class TransformerLayer(nn.Module):
-    """Post-LN BERT layer (paper §3.3, Trm): A = LN(H + Drop(MH(H))); Trm(H) = LN(A + Drop(PFFN(A)))."""
+    """Post-LN BERT layer (paper §3.3, Trm): A = LN(H + Drop(MH(H))); Trm(H) = LN(A + Drop(PFFN(A))), with
+    bidirectional attention over the non-pad keys and PFFN(x) = GELU(x·W₁ + b₁)·W₂ + b₂, inner size 4d."""
 
     def __init__(self, hidden: int, heads: int, dropout: float, attention_dropout: float, eps: float):
         super().__init__()
-        self.attn = BidirectionalSelfAttention(hidden, heads, attention_dropout)
+        self.attn = MultiHeadSelfAttention(hidden, heads, attention_dropout, causal=False, fused_qkv=True)
         self.attn_dropout = nn.Dropout(dropout)
         self.attn_norm = nn.LayerNorm(hidden, eps=eps)
-        self.ffn = nn.Sequential(nn.Linear(hidden, 4 * hidden), nn.GELU(approximate="tanh"),
-                                 nn.Linear(4 * hidden, hidden), nn.Dropout(dropout))
+        self.ffn = FeedForward(hidden, 4 * hidden, nn.GELU(approximate="tanh"), dropout, inner_dropout=False)
         self.ffn_norm = nn.LayerNorm(hidden, eps=eps)
 
     def forward(self, x: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
-        x = self.attn_norm(x + self.attn_dropout(self.attn(x, padding)))
+        x = self.attn_norm(x + self.attn_dropout(self.attn(x, None, padding)))
         return self.ffn_norm(x + self.ffn(x))
 
 
@@ -223,15 +109,8 @@ class TransformerLayer(nn.Module):
 class BERT4Rec(SequentialModel):
     name = "bert4rec"
     Config = BERT4RecConfig
-    # Measured on Amazon Beauty (README): lr 1e-3 (10× the reference's 1e-4, as the platform's other models use)
-    # with 80 epochs of cosine decay (~14k steps at batch 256) reaches the target with prefix mask-last instances
-    # and was still improving at the last epoch; the reference's own schedule is 400k steps (thousands of passes
-    # over Beauty's ~22k windows), and under-training is BERT4Rec's common failure (Petrov & Macdonald 2022).
-    # Batch 256, AdamW, BERT's betas (0.9, 0.999) and clipping at 5 are the reference's. Weight decay is 0.1, not the
-    # reference's 0.01: on Amazon Sports it lifted the best validation NDCG@10 from 0.0269 to 0.0280 (40 epochs) and
-    # test from below the TIGER paper's SASRec row to above it; on Beauty test was unchanged (0.0361 vs 0.0362) while
-    # validation rose 0.0465 → 0.0477; 0.3 trailed 0.1 on Sports (README). The decay reaches every parameter, LayerNorm
-    # and biases included (the BERT code exempts those); that is how it was measured.
+    # lr, schedule, weight decay and epochs measured on Amazon Beauty and Sports (docs/results.md); batch 256,
+    # AdamW, BERT's betas and clipping at 5 are the reference's. The decay reaches every parameter.
     train_defaults = {
         "epochs": 80, "batch_size": 256, "lr": 1e-3, "lr_schedule": "cosine", "optimizer": "adamw",
         "weight_decay": 0.1, "betas": (0.9, 0.999), "grad_clip": 5.0, "patience": 20,
@@ -242,8 +121,8 @@ class BERT4Rec(SequentialModel):
         d = config.hidden_size
         attention_dropout = config.dropout if config.attention_dropout is None else config.attention_dropout
         self.mask_token = num_items + 1
-        self.item_embedding = nn.Embedding(num_items + 2, d, padding_idx=0)
-        self.position_embedding = nn.Embedding(config.max_len + 1, d, padding_idx=0)
+        self.item_embedding = ItemEmbedding(num_items, d, extra_tokens=1)  # the [MASK] row V+1
+        self.position_embedding = PositionEmbedding(config.max_len, d)
         self.embedding_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
         self.embedding_dropout = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList(
@@ -254,58 +133,31 @@ class BERT4Rec(SequentialModel):
                                   nn.LayerNorm(d, eps=config.layer_norm_eps))
         # b_O, one per item; entry 0 (padding) is never a class and stays 0
         self.output_bias = nn.Parameter(torch.zeros(num_items + 1))
-        self._init_weights()
+        self.loss_fn = FullCrossEntropy()  # over items 1..V, the bias an extra column (§3.6)
+        self.supervision = Cloze(self.mask_token, config.mask_prob, config.max_predictions, config.mask_last_prob,
+                                 config.window_step, config.mask_last_prefix)
+        truncated_normal_init(self, config.init_std)
 
-    def _init_weights(self) -> None:
-        std = self.config.init_std
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.trunc_normal_(module.weight, std=std, a=-2 * std, b=2 * std)
-                if isinstance(module, nn.Linear):
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-        with torch.no_grad():
-            self.item_embedding.weight[0].zero_()
-            self.position_embedding.weight[0].zero_()
-
-    def sequence_states(self, items: torch.Tensor) -> torch.Tensor:
-        """Encoder output H (B, T, d) for left-padded ``items`` (B, T), T ≤ max_len, [MASK] = V+1 allowed."""
+    def sequence_states(self, batch: SequenceBatch) -> torch.Tensor:
+        """Encoder output H (B, T, d) for a left-padded batch, T ≤ max_len, [MASK] = V+1 allowed."""
+        items = batch.items
         padding = items == 0
-        positions = left_pad_positions(items, self.config.max_len)
-        x = self.embedding_norm(self.item_embedding(items) + self.position_embedding(positions))
+        x = self.embedding_norm(self.item_embedding(items) + self.position_embedding(items))
         x = self.embedding_dropout(x)
         for layer in self.layers:
             x = layer(x, padding)
         return x
 
-    def with_mask_appended(self, items: torch.Tensor) -> torch.Tensor:
-        """Inference input (paper §3.6): the last max_len − 1 items of each left-padded row, then [MASK]."""
-        items = items[:, -(self.config.max_len - 1):]
-        mask = torch.full((items.shape[0], 1), self.mask_token, dtype=items.dtype, device=items.device)
-        return torch.cat([items, mask], dim=1)
-
-    def _with_ones(self, o: torch.Tensor) -> torch.Tensor:
-        return torch.cat([o, torch.ones_like(o[:, :1])], dim=1)
+    def queries(self, states: torch.Tensor) -> torch.Tensor:
+        """[o, 1] with o = LN(GELU(h·W_P + b_P)) (§3.5): its product with ``item_embeddings()`` is o·Eᵀ + b_O."""
+        return biased_queries(self.head(states))
 
     def encode(self, batch: SequenceBatch) -> torch.Tensor:
-        """[o, 1] (B, d+1) at the appended [MASK]; its product with ``item_embeddings()`` is o·Eᵀ + b_O."""
-        states = self.sequence_states(self.with_mask_appended(batch.items))
-        return self._with_ones(self.head(states[:, -1]))
+        """The query at a [MASK] appended after the last max_len − 1 items (paper §3.6)."""
+        items = batch.items[:, -(self.config.max_len - 1):]
+        mask = torch.full((items.shape[0], 1), self.mask_token, dtype=items.dtype, device=items.device)
+        return super().encode(SequenceBatch(torch.cat([items, mask], dim=1), batch.times))
 
     def item_embeddings(self) -> torch.Tensor:
         """[E, b_O] for rows 0..V (V+1, d+1): the [MASK] row V+1 is left out, so it is never ranked."""
-        return torch.cat([self.item_embedding.weight[: self.num_items + 1], self.output_bias[:, None]], dim=1)
-
-    def loss(self, batch: SequenceBatch) -> torch.Tensor:
-        """Mean cross-entropy over items 1..V at the masked positions (paper §3.6); item i is class i − 1."""
-        supervised = batch.targets != 0
-        o = self.head(self.sequence_states(batch.items)[supervised])
-        table = self.item_embeddings()[1:]
-        return linear_cross_entropy(self._with_ones(o), table, batch.targets[supervised] - 1, ignore_index=-1)
-
-    def train_batches(self, users: np.ndarray, train: Jagged, batch_size: int) -> ClozeTrainBatches:
-        c = self.config
-        return ClozeTrainBatches(users, train, c.max_len, batch_size, self.mask_token, c.mask_prob,
-                                 c.max_predictions, c.mask_last_prob, c.window_step, c.mask_last_prefix)
+        return biased_table(self.item_embedding.weight, self.output_bias)

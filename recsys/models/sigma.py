@@ -20,24 +20,23 @@ zero padding, and its output is zeroed at pads before the bias-free GRU, whose s
 from a zero state (r = z = ½, n = tanh(0) = 0), so the leading pads leave it untouched.
 
 The flip and the non-causal convolution look ahead, so an all-position loss would leak each target into its own
-input (§4 pitfall): SIGMA trains at the last position only, over prefix cut points (``LastPositionTrainBatches``,
-the reference's prefix augmentation), and its loss reads only the last column.
+input (model-specs §4 pitfall): SIGMA trains at the last position only, over prefix cut points
+(``recsys.supervision.LastPosition``, the reference's prefix augmentation), and its loss reads only the last column.
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from recsys.batching import LastPositionTrainBatches
-from recsys.losses import last_position_loss
 from recsys.models.base import register
-from recsys.models.mamba4rec import MambaBlock, Mamba4RecConfig, MambaSequenceModel
+from recsys.models.mamba4rec import Mamba4RecConfig, MambaSequenceModel
+from recsys.nn import MambaBlock
+from recsys.supervision import LastPosition
 
 
 def partial_flip_index(pad_mask: torch.Tensor, keep: int) -> torch.Tensor:
@@ -112,20 +111,13 @@ class SIGMA(MambaSequenceModel):
 
     name = "sigma"
     Config = SIGMAConfig
-    # Reference: Adam lr 1e-3, batch 2048 prefixes (1024 on Fashion). One target per row here (not a whole
-    # sequence's), so a larger batch than the platform's 128; lr stays at the platform's cosine from 2e-3 as for
-    # Mamba4Rec (not yet tuned).
+    # One target per row (not a whole sequence's), so a larger batch than the platform's 128 (the reference: 2048).
     train_defaults = {"batch_size": 512}
+
+    def __init__(self, config: SIGMAConfig, num_items: int):
+        super().__init__(config, num_items)
+        self.supervision = LastPosition(config.prefix_fraction)
 
     def mixer(self) -> nn.Module:
         c = self.config
         return GMambaBlock(self.mamba_block(), c.hidden_size, c.flip_keep, c.gate_variant, c.dropout)
-
-    def train_batches(self, users: np.ndarray, train, batch_size: int):
-        return LastPositionTrainBatches(users, train, self.config.max_len, batch_size,
-                                        fraction=self.config.prefix_fraction)
-
-    def loss(self, batch):
-        """Full CE (or BCE) at the last column only (see last_position_loss)."""
-        hidden = self.sequence_states(batch.items)[:, -1, :]
-        return last_position_loss(self.loss_fn, hidden, batch, self.item_embedding.weight)

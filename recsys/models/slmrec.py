@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from recsys.losses import FullCrossEntropy, supervised_loss
+from recsys.losses import FullCrossEntropy
 from recsys.models.base import ModelConfig, SequentialModel, register
 
 LORA_TARGETS = ("gate_proj", "up_proj", "down_proj")  # the reference's LoRA targets (model-specs §6)
@@ -328,7 +328,7 @@ class SLMRec(SequentialModel):
         table = self.item_embeddings()
         distilling = self.config.teacher_bundle is not None
         states = self.layer_states(batch.items, all_layers=distilling)
-        loss = supervised_loss(self.loss_fn, self.score_head(states[-1]), batch, table)
+        loss = self.supervision.loss_at(self.loss_fn, self.score_head(states[-1]), batch, table)
         if not distilling:
             return loss
         return loss + self.distillation_terms(batch, states, table)
@@ -346,7 +346,8 @@ class SLMRec(SequentialModel):
                                      c.distill_cosine_weight, c.distill_l2_weight)
         terms = c.distill_weight * kd
         for head, (s, _) in zip(self.supervision_heads, pairs[:-1]):
-            terms = terms + c.supervision_weight * supervised_loss(self.loss_fn, head(states[s]), batch, table)
+            terms = terms + c.supervision_weight * self.supervision.loss_at(
+                self.loss_fn, head(states[s]), batch, table)
         return terms
 
     def teacher(self) -> "SLMRec":

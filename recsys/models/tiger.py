@@ -10,7 +10,7 @@ GRID's defaults (Ju et al. 2025, snap-research/GRID) where the spec names them.
   flattened codes of the last ``max_len`` items and is taught, with teacher forcing, to emit the target's L+1 codes
   after the start token. Level d has its own Linear(d_model → K_d) head (GRID), so its cross-entropy is over that
   level's codes only, the distribution constrained decoding searches.
-- **Training examples**: every prefix of a training sequence (``LastPositionTrainBatches``, drawn afresh each
+- **Training examples**: every prefix of a training sequence (``recsys.supervision.LastPosition``, drawn afresh each
   epoch), the target being the prefix's next item.
 - **Inference**: beam search constrained by the trie of valid code tuples (``recsys.beam_search``), beam width
   max(k, ``beam_width``), score Σ log p; every returned item is a real catalogue item.
@@ -30,10 +30,10 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from pipelines.jagged import Jagged
-from recsys.batching import LastPositionTrainBatches, SequenceBatch
+from recsys.batching import SequenceBatch
 from recsys.beam_search import PrefixTrie, constrained_beam_search
 from recsys.models.base import ModelConfig, SequentialModel, register
+from recsys.supervision import LastPosition
 from recsys.semantic_ids import (RQVAE, code_statistics, fit_rqvae, resolve_collisions, residual_assign,
                                  residual_kmeans)
 
@@ -87,6 +87,7 @@ class TIGER(SequentialModel):
 
     def __init__(self, config: TIGERConfig, num_items: int):
         super().__init__(config, num_items)
+        self.supervision = LastPosition(config.prefix_fraction)  # every prefix, the target its next item
         from transformers import T5Config
         from transformers.models.t5.modeling_t5 import T5Stack
 
@@ -243,9 +244,6 @@ class TIGER(SequentialModel):
         return logits
 
     # ---------------------------------------------------------------- seq2seq
-    def train_batches(self, users: np.ndarray, train: Jagged, batch_size: int):
-        return LastPositionTrainBatches(users, train, self.config.max_len, batch_size, self.config.prefix_fraction)
-
     def code_tokens(self, codes: torch.Tensor) -> torch.Tensor:
         """Token ids of code tuples (..., L+1): level offsets applied."""
         return codes + self.level_offsets

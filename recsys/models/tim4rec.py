@@ -70,20 +70,19 @@ not available to read, so these are documented choices, not the paper's):
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
-from kernels import causal_conv1d, ssd
-from recsys.batching import LastPositionTrainBatches, SequenceBatch
-from recsys.losses import LossSettings, build_loss, last_position_loss
+from kernels import causal_conv1d
+from recsys.batching import SequenceBatch
+from recsys.losses import LossSettings, build_loss
 from recsys.models.base import ModelConfig, SequentialModel, register
-from recsys.models.mamba4rec import Backend, conv_backend
+from recsys.nn import Backend, ItemEmbedding, MixerLayer, SSDBlock, conv_backend, normal_init
+from recsys.supervision import LastPosition
 
 
 class TiM4RecConfig(LossSettings, ModelConfig):
@@ -202,101 +201,6 @@ class TimePath(nn.Module):
         return rho, self.norm(gamma * t_hat + (1 - gamma) * rho.transpose(1, 2), mask)
 
 
-class RMSNormGated(nn.Module):
-    """Mamba-2's gated RMSNorm with the norm after the gate (model-specs §3b): RMSNorm(y ⊙ SiLU(z)) per group of
-    d_in / G channels, with a learned scale."""
-
-    def __init__(self, d_inner: int, groups: int, eps: float):
-        super().__init__()
-        self.groups, self.eps = groups, eps
-        self.weight = nn.Parameter(torch.ones(d_inner))
-
-    def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        g = y * F.silu(z)
-        shape = g.shape
-        g = g.reshape(*shape[:-1], self.groups, shape[-1] // self.groups)
-        g = g * torch.rsqrt(g.square().mean(-1, keepdim=True) + self.eps)
-        return g.reshape(shape) * self.weight
-
-
-class SSDBlock(nn.Module):
-    """The Mamba-2 mixer (Dao & Gu 2024, §7; model-specs §3b) with TiM4Rec's time-scaled step (§5), for
-    left-padded input. ``forward(u, pad_mask, rho)``: u (B, L, d); pad_mask (B, L) bool, True at real tokens; rho
-    (B, L, H) or None (plain Mamba-2). Pads are exact no-ops: x, B, C are zeroed there before the causal conv (a
-    real position then sees exactly the conv's own zero padding) and ``kernels.ssd`` forces Δ = 0 there.
-
-    Init (Mamba-2's ``Mamba2.__init__``): A = U(1, 16), A_log = log A; dt_bias = softplus⁻¹(dt), dt log-uniform in
-    [dt_min, dt_max] floored at 1e-4; D = 1. A_log, dt_bias and D carry ``_no_weight_decay = True``.
-    """
-
-    def __init__(self, config: TiM4RecConfig):
-        super().__init__()
-        d, n, g = config.hidden_size, config.d_state, config.ngroups
-        self.d_inner = config.expand * d
-        self.heads, self.head_dim, self.d_state, self.groups = config.num_heads, config.head_dim, n, g
-        self.chunk_size, self.backend = config.chunk_size, config.backend
-        conv_dim = self.d_inner + 2 * g * n
-        self.in_proj = nn.Linear(d, self.d_inner + conv_dim + self.heads, bias=False)
-        self.conv1d = nn.Conv1d(conv_dim, conv_dim, config.d_conv, groups=conv_dim, bias=True)
-        self.A_log = nn.Parameter(torch.log(torch.empty(self.heads).uniform_(1.0, 16.0)))
-        self.dt_bias = nn.Parameter(torch.empty(self.heads))
-        self.D = nn.Parameter(torch.ones(self.heads))
-        self.norm = RMSNormGated(self.d_inner, g, config.norm_eps)
-        self.out_proj = nn.Linear(self.d_inner, d, bias=False)
-        with torch.no_grad():
-            lo, hi = math.log(config.dt_min), math.log(config.dt_max)
-            dt = torch.exp(torch.rand(self.heads) * (hi - lo) + lo).clamp(min=1e-4)
-            self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus⁻¹(dt)
-        for p in (self.A_log, self.dt_bias, self.D):
-            p._no_weight_decay = True
-
-    def forward(self, u: torch.Tensor, pad_mask: torch.Tensor, rho: torch.Tensor | None) -> torch.Tensor:
-        b, length, _ = u.shape
-        gn = self.groups * self.d_state
-        z, xbc, dt = self.in_proj(u).split([self.d_inner, self.d_inner + 2 * gn, self.heads], dim=-1)
-        xbc = xbc.masked_fill(~pad_mask[..., None], 0.0)
-        xbc = causal_conv1d(xbc, self.conv1d.weight[:, 0], self.conv1d.bias, activation="silu",
-                            backend=conv_backend(self.backend))
-        x, B, C = xbc.split([self.d_inner, gn, gn], dim=-1)
-        y = ssd(
-            x.reshape(b, length, self.heads, self.head_dim), dt, -torch.exp(self.A_log.float()),
-            B.reshape(b, length, self.groups, self.d_state), C.reshape(b, length, self.groups, self.d_state),
-            chunk_size=self.chunk_size, D=self.D, dt_bias=self.dt_bias, dt_scale=rho, pad_mask=pad_mask,
-            backend=self.backend,
-        )
-        return self.out_proj(self.norm(y.reshape(b, length, self.d_inner), z))
-
-
-class FeedForward(nn.Module):
-    """TiM4Rec's FFN (model-specs §5 "Layer"): LN(H + Drop(W₂·Drop(Hardswish(W₁·H)))), inner 4d."""
-
-    def __init__(self, d: int, dropout: float, eps: float):
-        super().__init__()
-        self.w_1 = nn.Linear(d, 4 * d)
-        self.w_2 = nn.Linear(4 * d, d)
-        self.dropout = nn.Dropout(dropout)
-        self.norm = nn.LayerNorm(d, eps=eps)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.norm(h + self.dropout(self.w_2(self.dropout(F.hardswish(self.w_1(h))))))
-
-
-class TiM4RecLayer(nn.Module):
-    """SSD → Dropout → LN (+ the input with stacked layers) → FFN (model-specs §5 "Layer")."""
-
-    def __init__(self, config: TiM4RecConfig):
-        super().__init__()
-        self.ssd = SSDBlock(config)
-        self.dropout = nn.Dropout(config.dropout)
-        self.norm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
-        self.residual = config.num_layers > 1
-        self.ffn = FeedForward(config.hidden_size, config.dropout, config.norm_eps)
-
-    def forward(self, x: torch.Tensor, pad_mask: torch.Tensor, rho: torch.Tensor | None) -> torch.Tensor:
-        h = self.dropout(self.ssd(x, pad_mask, rho))
-        return self.ffn(self.norm(h + x if self.residual else h))
-
-
 @register
 class TiM4Rec(SequentialModel):
     """TiM4Rec (Fan et al. 2024; model-specs §5): time-aware Mamba-2, trained at the last position of prefix cut
@@ -310,34 +214,22 @@ class TiM4Rec(SequentialModel):
 
     def __init__(self, config: TiM4RecConfig, num_items: int):
         super().__init__(config, num_items)
-        d = config.hidden_size
-        self.item_embedding = nn.Embedding(num_items + 1, d, padding_idx=0)
-        self.embedding_dropout = nn.Dropout(config.dropout)
-        self.embedding_norm = nn.LayerNorm(d, eps=config.norm_eps)
-        self.layers = nn.ModuleList(TiM4RecLayer(config) for _ in range(config.num_layers))
-        if config.use_time:
-            self.time_dropout = nn.Dropout(config.time_dropout)
-            self.time_norm = SequenceLayerNorm(config.max_len, config.norm_eps)  # the first LN_L
-            self.time_paths = nn.ModuleList(
-                TimePath(config, last=i == config.num_layers - 1) for i in range(config.num_layers)
-            )
-        self.loss_fn = build_loss(config)
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        """Mamba4Rec's init (N(0, 0.02) on Linear and Embedding weights, zero biases); Mamba-2's A_log, dt_bias and
-        D keep their own init; Conv1d keeps PyTorch's default, or Kaiming-normal with ``kaiming_init``."""
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, mean=0.0, std=0.02)
-                if isinstance(module, nn.Linear) and module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Conv1d) and self.config.kaiming_init:
-                nn.init.kaiming_normal_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-        with torch.no_grad():
-            self.item_embedding.weight[0].zero_()
+        c, d = config, config.hidden_size
+        self.item_embedding = ItemEmbedding(num_items, d)
+        self.embedding_dropout = nn.Dropout(c.dropout)
+        self.embedding_norm = nn.LayerNorm(d, eps=c.norm_eps)
+        ssd_block = lambda: SSDBlock(d, c.d_state, c.d_conv, c.expand, c.head_dim, c.ngroups, c.chunk_size,  # noqa: E731
+                                     c.norm_eps, c.dt_min, c.dt_max, c.backend)
+        self.layers = nn.ModuleList(MixerLayer(ssd_block(), d, c.dropout, c.num_layers > 1, nn.Hardswish(), c.norm_eps)
+                                    for _ in range(c.num_layers))
+        if c.use_time:
+            self.time_dropout = nn.Dropout(c.time_dropout)
+            self.time_norm = SequenceLayerNorm(c.max_len, c.norm_eps)  # the first LN_L
+            self.time_paths = nn.ModuleList(TimePath(c, last=i == c.num_layers - 1) for i in range(c.num_layers))
+        self.loss_fn = build_loss(c)
+        self.supervision = LastPosition(c.prefix_fraction)
+        # Mamba4Rec's init; Mamba-2's A_log, dt_bias and D keep theirs; Conv1d PyTorch's default or Kaiming-normal
+        normal_init(self, std=0.02, kaiming_conv=c.kaiming_init)
 
     def sequence_states(self, batch: SequenceBatch) -> torch.Tensor:
         """H (B, W, d) for a left-padded batch of width W ≤ max_len, zero at pads; column −1 is the prediction point.
@@ -358,17 +250,3 @@ class TiM4Rec(SequentialModel):
                 rho, t_hat = self.time_paths[i](t_hat, mask)
             x = layer(x, pad_mask, rho)
         return x.masked_fill(~pad_mask[..., None], 0.0)
-
-    def encode(self, batch):
-        return self.sequence_states(batch)[:, -1, :]
-
-    def item_embeddings(self):
-        return self.item_embedding.weight
-
-    def train_batches(self, users: np.ndarray, train, batch_size: int):
-        return LastPositionTrainBatches(users, train, self.config.max_len, batch_size,
-                                        fraction=self.config.prefix_fraction)
-
-    def loss(self, batch):
-        """Full CE (or BCE) at the last column only (see last_position_loss)."""
-        return last_position_loss(self.loss_fn, self.encode(batch), batch, self.item_embedding.weight)
