@@ -5,7 +5,7 @@ reassociation that lets the loops over the state vectorise, into a shared librar
 ``$RECSYS_KERNEL_CACHE`` (default ``~/.cache/recsys/kernels``). The file name hashes the sources, the flags, the
 compiler's version and this CPU's feature flags, so a changed source or another CPU builds afresh and a library
 built with ``-march=native`` elsewhere is never loaded here. The library is written to a temporary name and
-renamed into place (``pipelines.atomic.atomic_file``), so an interrupted build never leaves a file that looks
+renamed into place (``kernels.atomic.atomic_file``), so an interrupted build never leaves a file that looks
 complete.
 
 No compiler, or a failed build, makes ``cpu_kernels`` return None with the reason in ``cpu_unavailable_reason``:
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from pipelines.atomic import atomic_file
+from kernels.atomic import atomic_file
 
 HERE = Path(__file__).parent
 SOURCES = [HERE / "_cpu_selective_scan.c", HERE / "_cpu_ssd.c"]

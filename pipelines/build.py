@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .atomic import atomic_directory
+from kernels.atomic import atomic_directory
 from .cleaning import clean_interactions
 from .dataset import write_dataset
 from .errors import RawDataMissingError

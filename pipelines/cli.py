@@ -1,4 +1,4 @@
-"""The ``recsys data ...`` commands (registered into the ``recsys`` parser by ``recsys.cli``).
+"""The ``recsys data ...`` commands (registered into the ``recsys`` parser through the ``recsys.commands`` entry point).
 
     recsys data build --dataset NAME [--raw-dir DIR] [--data-root DIR] [--on-bad-lines error|skip] [--force]
                       [--set key=value ...]

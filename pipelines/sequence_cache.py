@@ -32,7 +32,7 @@ from typing import Callable, Iterator
 import numpy as np
 import pyarrow as pa
 
-from .atomic import atomic_file
+from kernels.atomic import atomic_file
 from .jagged import Jagged, content_hash
 
 CACHE_DIR = "cache"

@@ -10,7 +10,7 @@ Spark writes the sorted interactions and the user table as part files into a scr
 temporary directory; the driver then streams the parts in order into the one ``interactions.parquet`` /
 ``sequences.parquet`` / ``users.parquet`` of the dataset contract (bounded memory, the sort order checked on the
 way), computes the content hash from what it wrote, and the manifest goes last. The whole temporary directory is
-renamed into place only when everything is written (``pipelines.atomic``).
+renamed into place only when everything is written (``kernels.atomic``).
 """
 
 from __future__ import annotations

@@ -15,8 +15,9 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipelines.atomic import atomic_directory
-from recsys.models import SequentialModel, build_model
+from kernels.atomic import atomic_directory
+from recsys.models import SequentialModel, build_model, model_class
+from recsys.models.base import ModelConfig
 
 FORMAT_VERSION = 1
 BUNDLE_FILES = ("config.json", "weights.safetensors", "items.parquet", "metrics.json")
@@ -69,3 +70,29 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
     items = pd.read_parquet(path / "items.parquet")
     metrics = json.loads((path / "metrics.json").read_text())
     return Bundle(path=path, model=model, config=config, items=items, metrics=metrics)
+
+
+def borrowed_inputs(name: str, config: ModelConfig, num_items: int) -> dict:
+    """The inputs model ``name`` ``borrows`` from the bundles its ``config`` names, for ``build_model``: a bundle's
+    scoring table (detached) or its whole model (frozen, in eval mode). Loading them never draws from this run's
+    random stream. A bundle must be of the same catalogue."""
+    out = {}
+    for arg, spec in model_class(name).borrows.items():
+        path = getattr(config, spec.field)
+        if path is None:
+            continue
+        if not Path(path).is_dir():
+            raise FileNotFoundError(f"{spec.field} {path} not found")
+        with torch.random.fork_rng(devices=[]):
+            model = load_bundle(path).model
+        if model.num_items != num_items:
+            raise ValueError(f"{spec.field} {path} has {model.num_items} items, this dataset {num_items}: "
+                             "train it on the same dataset")
+        if spec.part == "model":
+            out[arg] = model.requires_grad_(False).eval()
+            continue
+        try:
+            out[arg] = model.item_embeddings().detach().float().clone()
+        except (NotImplementedError, AttributeError):
+            raise ValueError(f"{path} ({model.name}) has no item table to borrow") from None
+    return out

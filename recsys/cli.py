@@ -22,9 +22,10 @@ import os
 import signal
 import subprocess
 import sys
+from importlib.metadata import entry_points
 from pathlib import Path
 
-from pipelines.cli import add_data_commands, add_engine_arguments, engine_from_args
+from pipelines.cli import add_engine_arguments, engine_from_args
 from pipelines.errors import BadInputError, EmptyDatasetError, RawDataMissingError
 from recsys import distributed
 
@@ -116,25 +117,17 @@ def cmd_mlflow_ui(args) -> int:
         return 0
 
 
-def cmd_serve(args) -> int:
-    import uvicorn
-
-    from serving.app import create_app
-    from serving.settings import IndexSettings, ServiceSettings
-
-    index = IndexSettings(exact_max_items=args.exact_max_items, approximate=args.approximate_index)
-    settings = ServiceSettings(bundles=args.bundle or [], model_uris=args.model_uri or [], index=index,
-                               max_batch=args.max_batch, max_wait_ms=args.max_wait_ms)
-    print(f"serving on http://{args.host}:{args.port} (OpenAPI at /docs)", file=sys.stderr)
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level,
-                access_log=False)
-    return 0
+def add_registered_commands(sub) -> None:
+    """Subcommands other packages register under the ``recsys.commands`` entry point (pyproject.toml): ``data``
+    (pipelines.cli) and ``serve`` (serving.cli). Each entry is a function that adds its parser to ``sub``."""
+    for entry in sorted(entry_points(group="recsys.commands"), key=lambda e: e.name):
+        entry.load()(sub)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="recsys", description="Sequential recommendation platform")
     sub = parser.add_subparsers(dest="command", required=True)
-    add_data_commands(sub)
+    add_registered_commands(sub)
 
     def common(p):
         p.add_argument("--raw-dir", default=None, help="directory with the raw files (offline use)")
@@ -192,19 +185,6 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--port", type=int, default=5000)
     ui.set_defaults(func=cmd_mlflow_ui)
 
-    serve = sub.add_parser("serve", help="REST recommendation service")
-    serve.add_argument("--model-uri", action="append", help="models:/recsys-<model>@<alias> or /<version>; "
-                       "repeatable; default (no --bundle either): the registry's champion from the last make eval")
-    serve.add_argument("--bundle", action="append", help="a bundle directory; repeatable")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--max-batch", type=int, default=64, help="most queries per inference micro-batch")
-    serve.add_argument("--max-wait-ms", type=float, default=0.0, help="how long a micro-batch may wait to fill")
-    serve.add_argument("--exact-max-items", type=int, default=100_000,
-                       help="largest catalogue searched exactly; above it an approximate index tuned to recall@10 0.95")
-    serve.add_argument("--approximate-index", choices=["ivf", "hnsw"], default="ivf")
-    serve.add_argument("--log-level", default="warning")
-    serve.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -26,7 +26,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from pipelines.atomic import atomic_write_bytes  # noqa: E402
+from kernels.atomic import atomic_write_bytes  # noqa: E402
 from recsys import distributed  # noqa: E402
 from recsys.models import model_class  # noqa: E402
 from recsys.run import RunResult, resolve_dataset, train_run  # noqa: E402
@@ -183,9 +183,10 @@ def run_report(dataset: str, models: list[str], *, raw_dir=None, data_root=None,
             registered.update(dict.fromkeys(runs, "slmrec"))
             notes += distillation_lines(figures)
             continue
-        if name == "slmrec" and "sasrec" in results and "item_table_bundle" not in own:
-            # SLMRec's recipe borrows a trained SASRec item table (model-specs §6): the one trained just before
-            own["item_table_bundle"] = str(results["sasrec"].bundle_dir.resolve())
+        for spec in model_class(name).borrows.values():
+            # e.g. SLMRec borrows the item table of the SASRec trained just before it (model-specs §6)
+            if spec.provider in results and spec.field not in own:
+                own[spec.field] = str(results[spec.provider].bundle_dir.resolve())
         results[name] = train_run(name, ds, epochs=epochs, overrides=own, seed=seed,
                                   out_dir=Path("runs") / ds.manifest["name"] / name, track=track, resume=resume)
         registered[name] = name

@@ -17,7 +17,7 @@ from pipelines.cli import parse_settings as parse_overrides  # noqa: F401  (one 
 from pipelines.dataset import ProcessedDataset, load_dataset
 from pipelines.jagged import Split
 from recsys import distributed
-from recsys.bundle import save_bundle
+from recsys.bundle import borrowed_inputs, save_bundle
 from recsys.evaluation import cutoffs, evaluate
 from recsys.models import build_model, model_class
 from recsys.trainer import TrainConfig, Trainer
@@ -117,7 +117,9 @@ def train_run(
     import torch
 
     torch.manual_seed(train_config.seed)
-    model = build_model(model_name, ds.num_items, model_over)
+    model_config = model_class(model_name).Config(**model_over)
+    model = build_model(model_name, ds.num_items, model_config,
+                        **borrowed_inputs(model_name, model_config, ds.num_items))
     prepared = model.prepare(ds)  # e.g. TIGER's semantic ids from item text, before any training
     run_config = {
         "train_config": train_config.model_dump(mode="json"),

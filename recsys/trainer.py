@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
 from pipelines.jagged import EvalSet, Split
-from pipelines.atomic import atomic_write_bytes
+from kernels.atomic import atomic_write_bytes
 from recsys import distributed
 from recsys.batching import SequenceBatch
 from recsys.evaluation import cutoffs, evaluate

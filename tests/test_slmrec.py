@@ -14,9 +14,9 @@ import pandas as pd
 import pytest
 import torch
 
-from recsys.bundle import load_bundle, save_bundle
+from recsys.bundle import borrowed_inputs, load_bundle, save_bundle
 from recsys.models import build_model
-from recsys.models.slmrec import block_alignment, block_distillation_loss, default_blocks
+from recsys.models.slmrec import SLMRecConfig, block_alignment, block_distillation_loss, default_blocks
 from tests.helpers import left_padded_batch
 
 NUM_ITEMS = 20
@@ -37,6 +37,12 @@ def save(path: Path, model) -> Path:
 def sasrec_bundle(tmp_path) -> Path:
     torch.manual_seed(1)
     return save(tmp_path / "sasrec", build_model("sasrec", NUM_ITEMS, {"hidden_size": 8, "max_len": 12}))
+
+
+def with_borrowed(num_items: int, config: dict):
+    """An slmrec built as the run path builds it: the item table and teacher its config names resolved first."""
+    config = SLMRecConfig(**config)
+    return build_model("slmrec", num_items, config, **borrowed_inputs("slmrec", config, num_items))
 
 
 def causal_batch(rows, width):
@@ -143,8 +149,7 @@ def test_scoring_runs_the_last_layer_at_the_last_position_only_with_the_same_res
 
 def test_left_padding_and_batch_width_never_change_a_score(sasrec_bundle):
     torch.manual_seed(0)
-    model = build_model("slmrec", NUM_ITEMS, {**TINY, "num_layers": 2,
-                                              "item_table_bundle": str(sasrec_bundle)}).eval()
+    model = with_borrowed(NUM_ITEMS, {**TINY, "num_layers": 2, "item_table_bundle": str(sasrec_bundle)}).eval()
     tight, wide = scores(model, ROWS, 5), scores(model, ROWS, 12)
     alone = scores(model, ROWS[1:2], 2)
     torch.testing.assert_close(wide, tight, rtol=1e-4, atol=1e-5)
@@ -156,7 +161,7 @@ def test_left_padding_and_batch_width_never_change_a_score(sasrec_bundle):
 def test_borrowed_item_table_is_frozen_and_saved_with_the_model(sasrec_bundle, tmp_path):
     sasrec = load_bundle(sasrec_bundle).model
     torch.manual_seed(0)
-    model = build_model("slmrec", NUM_ITEMS, {**TINY, "num_layers": 2, "item_table_bundle": str(sasrec_bundle)})
+    model = with_borrowed(NUM_ITEMS, {**TINY, "num_layers": 2, "item_table_bundle": str(sasrec_bundle)})
     assert model.config.item_dim == 8  # d_i read from the SASRec bundle
     assert torch.equal(model.item_embeddings(), sasrec.item_embeddings())
     assert "item_table" not in dict(model.named_parameters()) and "item_table" in model.state_dict()
@@ -177,16 +182,16 @@ def test_borrowed_item_table_is_frozen_and_saved_with_the_model(sasrec_bundle, t
     torch.testing.assert_close(scores(loaded, ROWS, 5), expected)
     assert torch.equal(loaded.item_embeddings(), before)
     # but a model built without the table's source and never loaded refuses to score with a placeholder
-    orphan = build_model("slmrec", NUM_ITEMS, loaded.config)
+    orphan = build_model("slmrec", NUM_ITEMS, loaded.config)  # nothing resolved
     with pytest.raises(RuntimeError, match="placeholder"):
         orphan.item_embeddings()
 
 
 def test_item_table_of_another_catalogue_is_refused(sasrec_bundle):
     with pytest.raises(ValueError, match="has 20 items, this dataset 25"):
-        build_model("slmrec", 25, {**TINY, "item_table_bundle": str(sasrec_bundle)})
+        with_borrowed(25, {**TINY, "item_table_bundle": str(sasrec_bundle)})
     with pytest.raises(FileNotFoundError, match="not found"):
-        build_model("slmrec", NUM_ITEMS, {**TINY, "item_table_bundle": str(sasrec_bundle) + "-missing"})
+        with_borrowed(NUM_ITEMS, {**TINY, "item_table_bundle": str(sasrec_bundle) + "-missing"})
 
 
 def test_block_alignment_follows_the_spec():
@@ -214,9 +219,9 @@ def test_distillation_loss_matches_a_hand_computed_value():
 def teacher_and_student(tmp_path, sasrec_bundle, teacher_layers=4, student_layers=2, **student_config):
     base = {**TINY, "item_table_bundle": str(sasrec_bundle)}
     torch.manual_seed(0)
-    teacher_dir = save(tmp_path / "teacher", build_model("slmrec", NUM_ITEMS, {**base, "num_layers": teacher_layers}))
-    student = build_model("slmrec", NUM_ITEMS, {**base, "num_layers": student_layers,
-                                                "teacher_bundle": str(teacher_dir), **student_config})
+    teacher_dir = save(tmp_path / "teacher", with_borrowed(NUM_ITEMS, {**base, "num_layers": teacher_layers}))
+    student = with_borrowed(NUM_ITEMS, {**base, "num_layers": student_layers, "teacher_bundle": str(teacher_dir),
+                                        **student_config})
     return teacher_dir, student
 
 
@@ -227,7 +232,7 @@ def test_teacher_is_frozen_and_never_part_of_the_student(tmp_path, sasrec_bundle
     loss = student.loss(causal_batch(ROWS, 4))
     teacher = student.teacher()
     assert not teacher.training  # student.train() never switches the teacher's dropout on
-    plain = build_model("slmrec", NUM_ITEMS, {**student.config.model_dump(), "teacher_bundle": None,
+    plain = with_borrowed(NUM_ITEMS, {**student.config.model_dump(), "teacher_bundle": None,
                                               "supervision_weight": 0.0})
     plain.load_state_dict({k: v for k, v in student.state_dict().items() if "supervision" not in k})
     assert loss.item() > plain.train().loss(causal_batch(ROWS, 4)).item()  # KD and MS terms are added
@@ -258,14 +263,16 @@ def test_distillation_term_is_zero_when_the_student_equals_the_teacher_at_aligne
 
 
 def test_teacher_of_incompatible_depth_or_table_is_refused(tmp_path, sasrec_bundle):
-    _, student = teacher_and_student(tmp_path, sasrec_bundle, teacher_layers=3, student_layers=2)
     with pytest.raises(ValueError, match="must divide"):
-        student.loss(causal_batch(ROWS, 4))
+        teacher_and_student(tmp_path, sasrec_bundle, teacher_layers=3, student_layers=2)
     torch.manual_seed(5)
     other = save(tmp_path / "other", build_model("slmrec", NUM_ITEMS, {**TINY, "num_layers": 4}))
-    student = build_model("slmrec", NUM_ITEMS, {**TINY, "num_layers": 2, "item_table_bundle": str(sasrec_bundle),
-                                                "teacher_bundle": str(other)})
     with pytest.raises(ValueError, match="share the same frozen item table"):
+        with_borrowed(NUM_ITEMS, {**TINY, "num_layers": 2, "item_table_bundle": str(sasrec_bundle),
+                                  "teacher_bundle": str(other)})
+    # a student built without its teacher resolved cannot compute the distillation loss
+    student = build_model("slmrec", NUM_ITEMS, {**TINY, "num_layers": 2, "teacher_bundle": str(other)})
+    with pytest.raises(RuntimeError, match="was not given"):
         student.loss(causal_batch(ROWS, 4))
 
 
@@ -420,8 +427,8 @@ def test_item_text_embeddings_are_concatenated_before_the_projection_and_kept_in
     items = items_frame().assign(title=[f"{t} {i}" for i, t in enumerate(titles)], brand="Acme")
     dataset = SimpleNamespace(items=items, path=tmp_path, content_hash="abc")
     torch.manual_seed(0)
-    model = build_model("slmrec", NUM_ITEMS, {**TINY, "num_layers": 2, "item_text": True,
-                                              "item_table_bundle": str(sasrec_bundle)}).eval()
+    model = with_borrowed(NUM_ITEMS, {**TINY, "num_layers": 2, "item_text": True,
+                                      "item_table_bundle": str(sasrec_bundle)}).eval()
     assert model.input_projection.in_features == model.config.item_dim + 384
     model.prepare(dataset)
     norms = model.text_table.norm(dim=1)

@@ -6,7 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from recsys.text import (TextEncoder, cached_text_embeddings, dataset_family, default_encoder_path, item_texts)
+from pipelines.item_text import dataset_family, item_texts
+from recsys.text import TextEncoder, cached_text_embeddings, default_encoder_path
 
 
 @pytest.fixture(scope="module")

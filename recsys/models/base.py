@@ -8,7 +8,8 @@ Every model implements ``loss(batch)`` (or ``fit`` for count-based baselines). C
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -29,6 +30,18 @@ class ModelConfig(BaseModel):
     max_len: int = 50
 
 
+@dataclass(frozen=True)
+class Borrowed:
+    """Something a model takes from another run's bundle, handed to its constructor by the run path (a model never
+    loads bundles): ``field`` is the config field holding the bundle directory, ``part`` what is taken (its detached
+    scoring table, or the whole model, frozen), ``provider`` the model whose run in the same report hands its bundle
+    over when the field is unset."""
+
+    field: str
+    part: Literal["item_table", "model"]
+    provider: str | None = None
+
+
 class SequentialModel(nn.Module):
     name: ClassVar[str]
     Config: ClassVar[type[ModelConfig]] = ModelConfig
@@ -38,6 +51,8 @@ class SequentialModel(nn.Module):
     train_defaults: ClassVar[dict[str, Any]] = {}
     # True for generative models (semantic ids): they implement ``recommend`` and have no ``item_embeddings``.
     generative: ClassVar[bool] = False
+    # constructor argument → what it takes from another run's bundle (SLMRec: SASRec's item table, its teacher)
+    borrows: ClassVar[dict[str, Borrowed]] = {}
 
     def __init__(self, config: ModelConfig, num_items: int):
         super().__init__()
@@ -126,8 +141,10 @@ def model_class(name: str) -> type[SequentialModel]:
     return MODELS[name]
 
 
-def build_model(name: str, num_items: int, config: dict[str, Any] | ModelConfig | None = None) -> SequentialModel:
+def build_model(name: str, num_items: int, config: dict[str, Any] | ModelConfig | None = None,
+                **borrowed: Any) -> SequentialModel:
+    """``borrowed``: the inputs the model ``borrows`` from other runs (``recsys.bundle.borrowed_inputs``)."""
     cls = model_class(name)
     if not isinstance(config, ModelConfig):
         config = cls.Config(**(config or {}))
-    return cls(config, num_items)
+    return cls(config, num_items, **borrowed)

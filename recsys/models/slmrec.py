@@ -41,7 +41,7 @@ from pydantic import Field
 from torch import nn
 
 from recsys.losses import FullCrossEntropy
-from recsys.models.base import ModelConfig, SequentialModel, register
+from recsys.models.base import Borrowed, ModelConfig, SequentialModel, register
 
 LORA_TARGETS = ("gate_proj", "up_proj", "down_proj")  # the reference's LoRA targets (model-specs §6)
 
@@ -104,21 +104,6 @@ def block_distillation_loss(student: list[torch.Tensor], teacher: list[torch.Ten
         distance = torch.linalg.vector_norm(s - t, dim=-1)
         total = total + (cosine_weight * cosine + l2_weight * distance).mean()
     return total
-
-
-def load_item_table(bundle_path: str | Path, num_items: int) -> torch.Tensor:
-    """The (V+1, d_i) item table of a score-based bundle, detached; its catalogue must be this dataset's."""
-    from recsys.bundle import load_bundle  # deferred: recsys.bundle imports the model registry
-
-    bundle = load_bundle(bundle_path)
-    if bundle.model.num_items != num_items:
-        raise ValueError(f"item table bundle {bundle_path} has {bundle.model.num_items} items, "
-                         f"this dataset {num_items}: train it on the same dataset")
-    try:
-        table = bundle.model.item_embeddings()
-    except NotImplementedError:
-        raise ValueError(f"{bundle_path} ({bundle.model.name}) has no item table to borrow") from None
-    return table.detach().float().clone()
 
 
 @torch.no_grad()
@@ -187,9 +172,12 @@ def build_backbone(config: SLMRecConfig) -> nn.Module:
 class SLMRec(SequentialModel):
     name = "slmrec"
     Config = SLMRecConfig
+    borrows = {"item_table": Borrowed("item_table_bundle", "item_table", provider="sasrec"),
+               "teacher": Borrowed("teacher_bundle", "model")}
 
-    def __init__(self, config: SLMRecConfig, num_items: int):
-        table, loaded = self._item_table(config, num_items)
+    def __init__(self, config: SLMRecConfig, num_items: int, item_table: torch.Tensor | None = None,
+                 teacher: "SLMRec | None" = None):
+        table, loaded = self._item_table(config, num_items, item_table)
         if table is not None:
             config = config.model_copy(update={"item_dim": table.shape[1]})
         elif config.item_dim is None:
@@ -220,20 +208,25 @@ class SLMRec(SequentialModel):
         self.blocks = config.distill_blocks or default_blocks(config.num_layers)
         heads = self.blocks - 1 if config.teacher_bundle and config.supervision_weight > 0 else 0
         self.supervision_heads = nn.ModuleList(nn.Linear(hidden, config.item_dim, bias=False) for _ in range(heads))
+        if teacher is not None:
+            self.attach_teacher(teacher)
 
     @staticmethod
-    def _item_table(config: SLMRecConfig, num_items: int) -> tuple[torch.Tensor | None, bool]:
-        """(table, loaded): the borrowed table, or a placeholder of the recorded width when the source bundle is
-        gone (a saved SLMRec bundle carries the table in its weights); (None, True) for a learned table."""
+    def _item_table(config: SLMRecConfig, num_items: int, table: torch.Tensor | None) -> tuple[torch.Tensor | None,
+                                                                                                bool]:
+        """(table, loaded): the borrowed table, or a placeholder of the recorded width that a bundle's weights fill
+        (a saved SLMRec bundle carries the table); (None, True) for a learned table."""
         if config.item_table_bundle is None:
             return None, True
-        if Path(config.item_table_bundle).is_dir():
-            table = load_item_table(config.item_table_bundle, num_items)
+        if table is not None:
+            if table.shape[0] != num_items + 1:
+                raise ValueError(f"the borrowed item table has {table.shape[0] - 1} items, this dataset {num_items}")
             if config.item_dim not in (None, table.shape[1]):
                 raise ValueError(f"item_dim {config.item_dim} != width {table.shape[1]} of {config.item_table_bundle}")
             return table, True
         if config.item_dim is None:
-            raise FileNotFoundError(f"item_table_bundle {config.item_table_bundle} not found")
+            raise ValueError(f"item_table_bundle {config.item_table_bundle}: the table was not given "
+                             "(recsys.bundle.borrowed_inputs resolves it) and item_dim is unknown")
         return torch.zeros(num_items + 1, config.item_dim), False
 
     @staticmethod
@@ -351,21 +344,18 @@ class SLMRec(SequentialModel):
         return terms
 
     def teacher(self) -> "SLMRec":
-        """The frozen teacher, loaded on first use and kept outside module registration: it is never in
-        ``state_dict`` (so never saved in the student bundle), ``parameters()`` or the optimizer."""
+        """The frozen teacher, kept outside module registration: it is never in ``state_dict`` (so never saved in
+        the student bundle), ``parameters()`` or the optimizer."""
         teacher = self.__dict__.get("_teacher")
         if teacher is None:
-            teacher = self._load_teacher()
-            object.__setattr__(self, "_teacher", teacher)
+            raise RuntimeError(f"teacher_bundle {self.config.teacher_bundle} was not given to the model "
+                               "(recsys.bundle.borrowed_inputs resolves it)")
         device = self.input_projection.weight.device
         if next(teacher.parameters()).device != device:
             teacher.to(device)
         return teacher
 
-    def _load_teacher(self) -> "SLMRec":
-        from recsys.bundle import load_bundle
-
-        teacher = load_bundle(self.config.teacher_bundle).model
+    def attach_teacher(self, teacher: "SLMRec") -> None:
         if teacher.name != self.name:
             raise ValueError(f"teacher bundle {self.config.teacher_bundle} is a {teacher.name!r}, not an slmrec")
         if teacher.num_items != self.num_items:
@@ -376,8 +366,7 @@ class SLMRec(SequentialModel):
         if not torch.equal(teacher.item_embeddings().cpu(), self.item_embeddings().detach().cpu()):
             raise ValueError("teacher and student must share the same frozen item table (item_table_bundle)")
         block_alignment(self.config.num_layers, teacher.config.num_layers, self.blocks)  # validates B
-        teacher.requires_grad_(False)
-        return teacher.eval()
+        object.__setattr__(self, "_teacher", teacher.requires_grad_(False).eval())
 
     def train(self, mode: bool = True):
         super().train(mode)

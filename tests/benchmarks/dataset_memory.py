@@ -32,7 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from pipelines.atomic import atomic_write_bytes  # noqa: E402
+from kernels.atomic import atomic_write_bytes  # noqa: E402
 
 BEAUTY = REPO.parent / "shared" / "data" / "amazon-beauty"
 

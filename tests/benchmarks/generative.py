@@ -91,7 +91,7 @@ def main() -> None:
 
     import torch
 
-    from pipelines.atomic import atomic_write_bytes
+    from kernels.atomic import atomic_write_bytes
     from recsys.models import build_model
 
     torch.manual_seed(0)

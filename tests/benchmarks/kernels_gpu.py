@@ -36,7 +36,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from pipelines.atomic import atomic_write_bytes  # noqa: E402
+from kernels.atomic import atomic_write_bytes  # noqa: E402
 
 FP32 = 4
 

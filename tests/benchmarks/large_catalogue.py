@@ -46,7 +46,7 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from pipelines.atomic import atomic_write_bytes  # noqa: E402
+from kernels.atomic import atomic_write_bytes  # noqa: E402
 
 LOSSES = {
     "ce": {"loss": "ce"},

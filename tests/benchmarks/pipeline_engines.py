@@ -29,7 +29,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from pipelines.atomic import atomic_write_bytes  # noqa: E402
+from kernels.atomic import atomic_write_bytes  # noqa: E402
 
 _EVENTS_PER_PART = 5_000_000
 _MEAN_LEN = 25  # events per user of the generator's default length distribution

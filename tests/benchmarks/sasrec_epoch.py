@@ -43,7 +43,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from pipelines.atomic import atomic_write_bytes  # noqa: E402
+from kernels.atomic import atomic_write_bytes  # noqa: E402
 
 BEAUTY = REPO.parent / "shared" / "data" / "amazon-beauty"
 TARGET_RATIO = 2.5
