@@ -74,19 +74,22 @@ def write_markdown(
 
 def write_figure(path: Path, dataset: str, results: dict[str, RunResult]) -> None:
     fig, (curves, bars) = plt.subplots(1, 2, figsize=(12, 4.5))
+    colour = {name: f"C{i % 10}" for i, name in enumerate(results)}  # one colour per model in every panel
     for name, result in results.items():
         history = [h for h in result.metrics["history"] if h["loss"] is not None]
         if history:
-            curves.plot([h["epoch"] for h in history], [h["valid_ndcg@10"] for h in history], marker=".", label=name)
+            curves.plot([h["epoch"] for h in history], [h["valid_ndcg@10"] for h in history], marker=".", label=name,
+                        color=colour[name])
         else:
-            curves.axhline(result.metrics["valid"]["ndcg@10"], linestyle="--", label=f"{name} (no training)")
+            curves.axhline(result.metrics["valid"]["ndcg@10"], linestyle="--", label=f"{name} (no training)",
+                           color=colour[name])
     curves.set(title=f"{dataset}: validation NDCG@10 per epoch", xlabel="epoch", ylabel="NDCG@10")
     curves.legend()
     metrics = ("hr@10", "ndcg@10", "mrr")
     width = 0.8 / max(len(results), 1)
     for i, (name, result) in enumerate(results.items()):
         bars.bar([j + i * width for j in range(len(metrics))], [result.metrics["test"][m] for m in metrics],
-                 width=width, label=name)
+                 width=width, label=name, color=colour[name])
     bars.set_xticks([j + width * (len(results) - 1) / 2 for j in range(len(metrics))], [m.upper() for m in metrics])
     bars.set(title=f"{dataset}: test metrics (full ranking)")
     bars.legend()

@@ -44,7 +44,7 @@ SELECTION_METRIC = "ndcg@10"
 
 class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    # Defaults measured on Amazon Beauty (README): cosine decay over 40 epochs from 2e-3 beats a constant 1e-3
+    # Defaults measured on Amazon Beauty (docs/results.md): cosine decay over 40 epochs from 2e-3 beats a constant 1e-3
     # both in quality and in time to reach it; ``epochs`` is also the cosine horizon.
     epochs: int = 40
     batch_size: int = 128
@@ -133,7 +133,7 @@ class LossForward(torch.nn.Module):
     """``forward(batch, weight)`` is the model's training loss times ``weight``, so DistributedDataParallel (which
     hooks ``forward``) sees every training step. DDP is not told to look for unused parameters: every model uses
     all of its trainable parameters in each step, and one that never uses a parameter freezes it (SLMRec's
-    backbone token table); the 2-rank test of every model (tests/test_distributed.py) holds them to that."""
+    backbone token table); the 2-rank test of every model (tests/e2e/test_distributed.py) holds them to that."""
 
     def __init__(self, model: SequentialModel):
         super().__init__()

@@ -47,7 +47,7 @@ class SequentialModel(nn.Module):
     Config: ClassVar[type[ModelConfig]] = ModelConfig
     # True when the model learns by gradient descent; False for fitted baselines.
     trainable: ClassVar[bool] = True
-    # TrainConfig fields this model trains best with (measured; see the README's model table); --set overrides.
+    # TrainConfig fields this model trains best with (measured; docs/results.md); --set overrides.
     train_defaults: ClassVar[dict[str, Any]] = {}
     # True for generative models (semantic ids): they implement ``recommend`` and have no ``item_embeddings``.
     generative: ClassVar[bool] = False

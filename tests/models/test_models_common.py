@@ -1,12 +1,17 @@
-"""Properties every trainable model of the registry must have: pads never change a score, the model-contract
-shapes hold, and a few epochs on a trivially predictable pattern learn it (well above chance)."""
+"""Properties every model of the registry must have: pads never change a score, the model-contract shapes hold, a
+few epochs on a trivially predictable pattern learn it (well above chance), its config round-trips and a bundle
+restores its scores exactly."""
+
+import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 import recsys.models  # noqa: F401  (registers every built-in model)
 from pipelines.jagged import Jagged
+from recsys.bundle import load_bundle, save_bundle
 from recsys.models.base import MODELS, build_model
 from tests.helpers import left_padded_batch, rel_err
 
@@ -19,7 +24,8 @@ LEARNING_EPOCHS = {"bert4rec": 40}
 
 def trainable_models():
     """Score-based trainable models: these properties are about ``encode``/``item_embeddings``. Generative models
-    (``generative = True``, e.g. tiger) have neither; tests/test_tiger.py covers the same properties for them."""
+    (``generative = True``, e.g. tiger) have neither; tests/models/test_model_tiger.py covers the same properties
+    for them."""
     return sorted(name for name, cls in MODELS.items() if cls.trainable and not cls.generative)
 
 
@@ -92,3 +98,27 @@ def test_learns_a_successor_pattern(name):
     scores[:, 0] = -torch.inf
     expected = torch.tensor([(s + 5) % NUM_ITEMS + 1 for s in range(NUM_ITEMS)])
     assert (scores.argmax(1) == expected).float().mean() >= 0.6  # chance: 0.05
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_config_round_trips_through_json(name):
+    """Every registered model's config (defaults and a changed field) survives model_dump → JSON → Config, which
+    is how bundles, MLflow params and resumed runs read it back."""
+    cls = MODELS[name].Config
+    for config in (cls(), cls(max_len=7)):
+        restored = cls(**json.loads(json.dumps(config.model_dump(mode="json"))))
+        assert restored == config
+    with pytest.raises(ValueError):
+        cls(not_a_setting=1)  # a typo never passes silently
+
+
+@pytest.mark.parametrize("name", trainable_models())
+def test_a_bundle_restores_the_same_scores(name, tmp_path):
+    torch.manual_seed(0)
+    model = build_model(name, NUM_ITEMS, TINY).eval()
+    items = pd.DataFrame({"item_idx": np.arange(1, NUM_ITEMS + 1), "item_id": [f"i{i}" for i in range(NUM_ITEMS)]})
+    loaded = load_bundle(save_bundle(tmp_path / name, model, {}, items, {})).model
+    assert type(loaded) is type(model) and loaded.config == model.config
+    batch = left_padded_batch([[3, 4, 5, 6], [7, 8], [9]], 4)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.recommend(batch, 5), model.recommend(batch, 5), rtol=0, atol=0)

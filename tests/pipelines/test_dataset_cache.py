@@ -21,7 +21,7 @@ from pipelines.jagged import Jagged
 from pipelines.sequence_cache import cache_path, write_sequence_cache
 
 SMALL = {"num_users": 200, "num_items": 80, "num_clusters": 8}
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

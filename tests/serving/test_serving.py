@@ -1,5 +1,5 @@
 """The REST service in-process (FastAPI TestClient): semantics, offline/online parity, security, reload under
-load, metrics. The real-uvicorn integration test is tests/test_serving_integration.py."""
+load, metrics. The real-uvicorn integration test is tests/serving/test_serving_integration.py."""
 
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ reference.
 Error metric throughout: rel_err(x, ref) = max|x − ref| / max|ref| (max-abs error over the max-abs value of the
 reference), ≤ 1e-4 in fp32 for values and for the gradients of every input. bf16 inputs: ≤ 2e-2 against the fp32
 reference on the same (bf16-rounded) inputs (the output itself is rounded to bf16, relative step 2^-8).
-Triton tests run with `TRITON_INTERPRET=1 .venv/bin/python -m pytest -m triton tests/test_kernel_ssd.py`.
+Triton tests run with `TRITON_INTERPRET=1 .venv/bin/python -m pytest -m triton tests/kernels/test_kernel_ssd.py`.
 """
 
 import importlib

@@ -27,7 +27,7 @@ from pipelines.readers_amazon import read_amazon
 from pipelines.readers_generic import read_p5_sequences, read_table_file
 from pipelines.readers_movielens import read_ml100k, read_ml_csv, read_ml_dat
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
 N_EVENTS = 33
 USERS_P5 = {1: "A1TESTUSER0001", 2: "A2TESTUSER0002", 3: "A3TESTUSER0003", 4: "AXTESTUSER0004",

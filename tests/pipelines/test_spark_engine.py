@@ -31,7 +31,7 @@ from pipelines.dataset import load_dataset
 from pipelines.errors import BadInputError, EmptyDatasetError
 from pipelines.jagged import content_hash
 from tests.conftest import REPO_ROOT, shared_dataset
-from tests.test_pipelines_readers import FIXTURES, MALFORMED, copy_fixture, insert_line
+from tests.pipelines.test_pipelines_readers import FIXTURES, MALFORMED, copy_fixture, insert_line
 
 pytestmark = pytest.mark.spark
 
