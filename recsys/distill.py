@@ -27,7 +27,7 @@ import torch
 from kernels import topk_scores
 from recsys.batching import SequenceBatch, eval_batches
 from recsys import distributed
-from recsys.run import RunResult, resolve_dataset, train_run
+from recsys.run import RunResult, resolve_dataset, scoped_settings, train_run
 
 ROLES = ("sasrec", "teacher", "student")
 SET_BY_THE_RECIPE = ("num_layers", "teacher_bundle")
@@ -50,18 +50,11 @@ def json_config(bundle_dir: Path) -> dict:
 
 def split_by_role(overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """``role.key`` settings to that role; plain keys to both teacher and student."""
-    by_role: dict[str, dict[str, Any]] = {role: {} for role in ROLES}
-    # plain keys first, so a role's own setting wins over the shared one whatever the order given
-    for key, value in sorted(overrides.items(), key=lambda kv: "." in kv[0]):
+    for key in overrides:
         role, dot, name = key.partition(".")
-        if dot and role not in ROLES:
-            raise ValueError(f"setting {key!r}: prefix must be one of {ROLES}")
-        name = name if dot else key
-        if name in SET_BY_THE_RECIPE and role != "sasrec":
-            raise ValueError(f"{name} is set by the recipe (use --teacher-layers / --student-layers)")
-        for target in ([role] if dot else ["teacher", "student"]):
-            by_role[target][name] = value
-    return by_role
+        if (name if dot else key) in SET_BY_THE_RECIPE and role != "sasrec":
+            raise ValueError(f"{key} is set by the recipe (use --teacher-layers / --student-layers)")
+    return scoped_settings(overrides, dict.fromkeys(ROLES), plain_to=["teacher", "student"])
 
 
 @torch.no_grad()

@@ -29,7 +29,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from kernels.atomic import atomic_write_bytes  # noqa: E402
 from recsys import distributed  # noqa: E402
 from recsys.models import model_class  # noqa: E402
-from recsys.run import RunResult, resolve_dataset, train_run  # noqa: E402
+from recsys.run import RunResult, resolve_dataset, scoped_settings, train_run  # noqa: E402
 from recsys.trainer import TrainConfig  # noqa: E402
 
 COLUMNS = ("model", "hr@10", "ndcg@10", "mrr", "train_seconds", "seconds_per_epoch", "parameters", "epochs",
@@ -105,34 +105,22 @@ DISTILL_DEPTHS = ("teacher_layers", "student_layers")
 
 
 def accepted_settings(name: str) -> set[str]:
-    """The plain keys a listed model takes. The distillation recipe owns its runs' depths, so ``num_layers`` reaches
-    it only scoped (as ``slmrec-distill.teacher_layers``)."""
-    if name == DISTILL:
-        from recsys.distill import SET_BY_THE_RECIPE
+    """The keys a listed model takes. The distillation recipe owns its runs' depths, so ``num_layers`` reaches it
+    only as its ``teacher_layers`` / ``student_layers``; its roles take their own keys (``student.lr``)."""
+    trained = set(TrainConfig.model_fields)
+    if name != DISTILL:
+        return set(model_class(name).Config.model_fields) | trained
+    from recsys.distill import ROLES, SET_BY_THE_RECIPE
 
-        return (set(model_class("slmrec").Config.model_fields) | set(TrainConfig.model_fields)) - set(SET_BY_THE_RECIPE)
-    return set(model_class(name).Config.model_fields) | set(TrainConfig.model_fields)
+    slmrec = set(model_class("slmrec").Config.model_fields) | trained
+    roles = {f"{role}.{key}" for role in ROLES
+             for key in (set(model_class("sasrec").Config.model_fields) | trained if role == "sasrec" else slmrec)}
+    return (slmrec - set(SET_BY_THE_RECIPE)) | set(DISTILL_DEPTHS) | roles
 
 
 def settings_by_model(models: list[str], overrides: dict) -> dict[str, dict]:
     """Each listed model's settings: the plain keys it accepts, then its scoped ``model.key`` ones (which win)."""
-    accepted = {name: accepted_settings(name) for name in models}
-    own: dict[str, dict] = {name: {} for name in models}
-    for key, value in sorted(overrides.items(), key=lambda kv: "." in kv[0]):
-        scope, dot, name = key.partition(".")
-        if dot:
-            if scope not in own:
-                raise ValueError(f"setting {key!r}: {scope!r} is not one of the listed models {models}")
-            if scope != DISTILL and name not in accepted[scope]:
-                raise ValueError(f"setting {key!r}: {scope} has no setting {name!r}")
-            own[scope][name] = value
-            continue
-        takers = [model for model in models if key in accepted[model]]
-        if not takers:
-            raise ValueError(f"setting(s) {[key]} apply to none of the models {models}")
-        for model in takers:
-            own[model][key] = value
-    return own
+    return scoped_settings(overrides, {name: accepted_settings(name) for name in models})
 
 
 def distilled_results(ds, settings: dict, results: dict[str, RunResult], *, epochs, seed, track, resume=False):

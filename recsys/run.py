@@ -20,6 +20,7 @@ from recsys import distributed
 from recsys.bundle import borrowed_inputs, save_bundle
 from recsys.evaluation import cutoffs, evaluate
 from recsys.models import build_model, model_class
+from recsys.tracking import RunLog, Tracker
 from recsys.trainer import TrainConfig, Trainer
 
 
@@ -29,6 +30,30 @@ class RunResult:
     metrics: dict
     model_version: str | None
     run_id: str | None
+
+
+def scoped_settings(overrides: dict[str, Any], scopes: dict[str, set[str] | None],
+                    plain_to: list[str] | None = None) -> dict[str, dict[str, Any]]:
+    """The one reading of scoped ``--set`` values (``recsys report``'s models, ``recsys distill``'s roles):
+    ``scope.key=value`` goes to that scope; a plain ``key=value`` to every scope of ``plain_to`` (default: all)
+    that accepts it, and a scoped value wins over a plain one whatever the order given. ``scopes`` maps each
+    scope to the keys it accepts (None: any, checked later by the run it reaches)."""
+    own: dict[str, dict[str, Any]] = {scope: {} for scope in scopes}
+    for key, value in sorted(overrides.items(), key=lambda kv: "." in kv[0]):
+        scope, dot, name = key.partition(".")
+        if dot:
+            if scope not in scopes:
+                raise ValueError(f"setting {key!r}: {scope!r} is not one of {list(scopes)}")
+            if scopes[scope] is not None and name not in scopes[scope]:
+                raise ValueError(f"setting {key!r}: {scope} has no setting {name!r}")
+            own[scope][name] = value
+            continue
+        takers = [s for s in (plain_to or list(scopes)) if scopes[s] is None or key in scopes[s]]
+        if not takers:
+            raise ValueError(f"setting(s) {[key]} apply to none of {list(scopes)}")
+        for scope in takers:
+            own[scope][key] = value
+    return own
 
 
 def split_overrides(model_name: str, overrides: dict[str, Any]) -> tuple[dict, dict]:
@@ -135,34 +160,17 @@ def train_run(
     checkpoint_dir = out_dir.with_name(out_dir.name + ".checkpoints")
     tracker = None
     if track and distributed.is_main():
-        from recsys.tracking import Tracker
-
         tracker = Tracker(experiment=dataset_name, run_name=model_name,
                           tags={"model": model_name, "dataset_hash": ds.content_hash, **(tags or {})},
                           run_id_file=checkpoint_dir / "mlflow_run_id")
-        tracker.log_params({"model": model_name, "model_config": model.config.model_dump(mode="json"),
-                            "seed": train_config.seed, "world_size": distributed.world_size(), **run_config})
-        for section, figures in prepared.items():
-            tracker.log_metrics(figures, prefix=f"{section}_")
-
-    def on_epoch(record: dict) -> None:
-        if not distributed.is_main():
-            return
-        valid = record["valid"]
-        summary = f"epoch {record['epoch']}: valid ndcg@10 {valid['ndcg@10']:.4f} hr@10 {valid['hr@10']:.4f}"
-        if record["loss"] is not None:
-            summary += f" loss {record['loss']:.4f} ({record['seconds']:.1f}s)"
-        print(summary, file=sys.stderr)
-        if tracker:
-            metrics = {f"valid_{k}": v for k, v in record["valid"].items()}
-            if record["loss"] is not None:
-                metrics.update(loss=record["loss"], epoch_seconds=record["seconds"])
-            tracker.log_metrics(metrics, step=record["epoch"])
+    log = RunLog(tracker, main=distributed.is_main())
+    log.start({"model": model_name, "model_config": model.config.model_dump(mode="json"),
+               "seed": train_config.seed, "world_size": distributed.world_size(), **run_config}, prepared)
 
     trainer = Trainer(train_config, checkpoint_dir=checkpoint_dir, progress=progress)
     status = "FAILED"
     try:
-        result = trainer.fit(model, split, ds.num_items, exclude_seen, on_epoch=on_epoch, resume=resume,
+        result = trainer.fit(model, split, ds.num_items, exclude_seen, on_epoch=log.epoch, resume=resume,
                              fingerprint=key, test_set=split.test)
         eval_kw = dict(ks=cutoffs(train_config.max_k), batch_size=train_config.eval_batch_size, device=trainer.device)
         valid = evaluate(model, split.valid, ds.num_items, exclude_seen, **eval_kw)
@@ -189,14 +197,7 @@ def train_run(
 
         def publish() -> str | None:
             save_bundle(out_dir, model.cpu(), run_config, ds.items, metrics)
-            version = None
-            if tracker:
-                tracker.log_metrics(test, prefix="test_")
-                tracker.log_metrics({"train_seconds": result.train_seconds, "epochs": result.epochs,
-                                     "best_epoch": result.best_epoch, "parameters": metrics["parameters"]})
-                for section, figures in extra.items():
-                    tracker.log_metrics(figures, prefix=f"{section}_")
-                version = tracker.log_bundle(out_dir, model_name)
+            version = log.finish(out_dir, model_name, metrics, extra)
             if finished:
                 trainer.remove_checkpoint()  # a finished run needs no resume point
             else:
@@ -207,7 +208,6 @@ def train_run(
 
         version = distributed.on_main(publish)
         status = "FINISHED"
-        return RunResult(out_dir, metrics, version, tracker.run_id if tracker else None)
+        return RunResult(out_dir, metrics, version, log.run_id)
     finally:
-        if tracker:
-            tracker.end(status)
+        log.end(status)

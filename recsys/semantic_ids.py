@@ -243,3 +243,53 @@ def code_statistics(codes: np.ndarray, codebook_size: int) -> dict[str, float]:
     stats["items_in_collisions"] = float(group_sizes[group_sizes > 1].sum() / len(codes))
     stats["max_collision_group"] = int(group_sizes.max())
     return stats
+
+
+class Quantiser(nn.Module):
+    """Item embeddings (N, D) → L codes in [0, K) each: ``fit`` once on the catalogue (returns the codes and figures
+    about the fit), then ``codes`` places any embedding, e.g. a new item's. What it learns lives in buffers or
+    parameters whose shapes follow from its settings, so a bundle restores it."""
+
+    def fit(self, x: np.ndarray) -> tuple[np.ndarray, dict[str, float]]:
+        raise NotImplementedError
+
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class ResidualKMeans(Quantiser):
+    """RQ-KMeans (GRID's default): ``residual_kmeans``; its centroids (L, K, D) are a buffer."""
+
+    def __init__(self, levels: int, codebook_size: int, dim: int, seed: int = 0, iters: int = 20):
+        super().__init__()
+        self.levels, self.codebook_size, self.seed, self.iters = levels, codebook_size, seed, iters
+        self.register_buffer("centroids", torch.zeros(levels, codebook_size, dim))
+
+    def fit(self, x):
+        codes, centroids = residual_kmeans(x, self.levels, self.codebook_size, self.seed, self.iters)
+        self.centroids.copy_(torch.from_numpy(centroids))
+        return codes, {}
+
+    def codes(self, x):
+        return residual_assign(x.to(self.centroids.device), self.centroids)[0]
+
+
+class RQVAEQuantiser(Quantiser):
+    """The RQ-VAE of TIGER §3.1 (``fit_rqvae``), frozen after its fit (never trained with the recommender)."""
+
+    def __init__(self, levels: int, codebook_size: int, dim: int, hidden: tuple[int, ...], latent: int, beta: float,
+                 epochs: int, batch_size: int, lr: float, optimizer: str, seed: int = 0):
+        super().__init__()
+        self.levels, self.codebook_size, self.seed = levels, codebook_size, seed
+        self.hidden, self.latent, self.beta = hidden, latent, beta
+        self.epochs, self.batch_size, self.lr, self.optimizer = epochs, batch_size, lr, optimizer
+        self.rqvae = RQVAE(dim, hidden, latent, levels, codebook_size, beta).requires_grad_(False)
+
+    def fit(self, x):
+        fit = fit_rqvae(x, self.levels, self.codebook_size, self.hidden, self.latent, self.beta, self.epochs,
+                        self.batch_size, self.lr, self.optimizer, self.seed)
+        self.rqvae.load_state_dict(fit.model.state_dict())
+        return fit.codes, {"rqvae_final_loss": fit.losses[-1], "rqvae_reseeded_codes": fit.reseeded}
+
+    def codes(self, x):
+        return self.rqvae.to(x.device).codes(x)

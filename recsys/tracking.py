@@ -8,6 +8,7 @@ final metrics and the bundle, and registers a model version ``recsys-<model>``.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 DEFAULT_DIR = Path("mlruns")
@@ -137,3 +138,52 @@ def set_champion(model_name: str, version: str, candidates: list[str]) -> None:
             except MlflowException:
                 pass
     client.set_registered_model_alias(registered_name(model_name), "champion", version)
+
+
+class RunLog:
+    """Everything a training run reports, as one callback object the run path calls at fixed points: ``start``
+    (params and what ``prepare`` found), ``epoch`` (the trainer's per-epoch record: a line on stderr, the metrics
+    to MLflow), ``finish`` (final figures and the bundle, registered as a model version) and ``end``. Without a
+    tracker (``--no-track``, or a rank other than 0) it only prints, and only on rank 0."""
+
+    def __init__(self, tracker: Tracker | None, main: bool = True):
+        self.tracker = tracker
+        self.main = main
+
+    @property
+    def run_id(self) -> str | None:
+        return self.tracker.run_id if self.tracker else None
+
+    def start(self, params: dict, prepared: dict[str, dict]) -> None:
+        if self.tracker:
+            self.tracker.log_params(params)
+            for section, figures in prepared.items():
+                self.tracker.log_metrics(figures, prefix=f"{section}_")
+
+    def epoch(self, record: dict) -> None:
+        if not self.main:
+            return
+        valid = record["valid"]
+        summary = f"epoch {record['epoch']}: valid ndcg@10 {valid['ndcg@10']:.4f} hr@10 {valid['hr@10']:.4f}"
+        if record["loss"] is not None:
+            summary += f" loss {record['loss']:.4f} ({record['seconds']:.1f}s)"
+        print(summary, file=sys.stderr)
+        if self.tracker:
+            metrics = {f"valid_{k}": v for k, v in valid.items()}
+            if record["loss"] is not None:
+                metrics.update(loss=record["loss"], epoch_seconds=record["seconds"])
+            self.tracker.log_metrics(metrics, step=record["epoch"])
+
+    def finish(self, bundle_dir: Path, model_name: str, metrics: dict, extra: dict[str, dict]) -> str | None:
+        """Final test metrics, run figures and the extra sections; the bundle as a new registry version."""
+        if not self.tracker:
+            return None
+        self.tracker.log_metrics(metrics["test"], prefix="test_")
+        self.tracker.log_metrics({k: metrics[k] for k in ("train_seconds", "epochs", "best_epoch", "parameters")})
+        for section, figures in extra.items():
+            self.tracker.log_metrics(figures, prefix=f"{section}_")
+        return self.tracker.log_bundle(bundle_dir, model_name)
+
+    def end(self, status: str) -> None:
+        if self.tracker:
+            self.tracker.end(status)

@@ -34,8 +34,7 @@ from recsys.batching import SequenceBatch
 from recsys.beam_search import PrefixTrie, constrained_beam_search
 from recsys.models.base import ModelConfig, SequentialModel, register
 from recsys.supervision import LastPosition
-from recsys.semantic_ids import (RQVAE, code_statistics, fit_rqvae, resolve_collisions, residual_assign,
-                                 residual_kmeans)
+from recsys.semantic_ids import RQVAEQuantiser, ResidualKMeans, code_statistics, resolve_collisions
 
 PAD, BOS = 0, 1
 NUM_SPECIAL = 2
@@ -72,6 +71,15 @@ class TIGERConfig(ModelConfig):
     user_tokens: int = Field(0, ge=0)  # TIGER's hash(user) mod 2000 token when 2000; 0 = off (GRID: no gain)
     beam_width: int = Field(10, ge=1)
     prefix_fraction: float = Field(1.0, gt=0.0, le=1.0)  # share of the prefix cut points trained on per epoch
+
+
+# the semantic-id quantisers, by the config's ``semantic_ids``
+QUANTISERS = {
+    "rqkmeans": lambda c: ResidualKMeans(c.levels, c.codebook_size, c.text_dim, c.quantiser_seed, c.kmeans_iters),
+    "rqvae": lambda c: RQVAEQuantiser(c.levels, c.codebook_size, c.text_dim, c.rqvae_hidden, c.rqvae_latent,
+                                      c.rqvae_beta, c.rqvae_epochs, c.rqvae_batch_size, c.rqvae_lr,
+                                      c.rqvae_optimizer, c.quantiser_seed),
+}
 
 
 @register
@@ -111,12 +119,7 @@ class TIGER(SequentialModel):
         # items 1..trained_items had codes when the seq2seq was trained; later ones came through add_items
         self.register_buffer("trained_items", torch.tensor(num_items))
         self.register_buffer("level_offsets", torch.tensor(self.offsets))
-        if config.semantic_ids == "rqkmeans":
-            self.register_buffer("centroids", torch.zeros(config.levels, config.codebook_size, config.text_dim))
-            self.rqvae = None
-        else:
-            self.rqvae = RQVAE(config.text_dim, config.rqvae_hidden, config.rqvae_latent, config.levels,
-                               config.codebook_size, config.rqvae_beta).requires_grad_(False)
+        self.quantiser = QUANTISERS[config.semantic_ids](config)
         self.semantic_id_stats: dict[str, float] = {}
         self._trie_cache: tuple[tuple, PrefixTrie] | None = None
 
@@ -145,18 +148,7 @@ class TIGER(SequentialModel):
         if embeddings.shape != (self.num_items, cfg.text_dim):
             raise ValueError(f"expected embeddings of shape {(self.num_items, cfg.text_dim)}, "
                              f"got {embeddings.shape}")
-        if cfg.semantic_ids == "rqkmeans":
-            codes, centroids = residual_kmeans(embeddings, cfg.levels, cfg.codebook_size, cfg.quantiser_seed,
-                                               cfg.kmeans_iters)
-            self.centroids.copy_(torch.from_numpy(centroids))
-            extra = {}
-        else:
-            fit = fit_rqvae(embeddings, cfg.levels, cfg.codebook_size, cfg.rqvae_hidden, cfg.rqvae_latent,
-                            cfg.rqvae_beta, cfg.rqvae_epochs, cfg.rqvae_batch_size, cfg.rqvae_lr,
-                            cfg.rqvae_optimizer, cfg.quantiser_seed)
-            self.rqvae.load_state_dict(fit.model.state_dict())
-            codes = fit.codes
-            extra = {"rqvae_final_loss": fit.losses[-1], "rqvae_reseeded_codes": fit.reseeded}
+        codes, extra = self.quantiser.fit(embeddings)
         full = resolve_collisions(codes)
         self._check_collision_level(full)
         self.codes[1:] = torch.from_numpy(full).to(self.codes.device)
@@ -178,11 +170,7 @@ class TIGER(SequentialModel):
         x = torch.as_tensor(np.asarray(embeddings, dtype=np.float32))
         if x.ndim != 2 or x.shape[1] != self.config.text_dim:
             raise ValueError(f"expected embeddings of shape (N, {self.config.text_dim}), got {tuple(x.shape)}")
-        if self.rqvae is None:
-            codes, _ = residual_assign(x.to(self.centroids.device), self.centroids)
-        else:
-            codes = self.rqvae.to(x.device).codes(x)
-        return codes.cpu().numpy()
+        return self.quantiser.codes(x).cpu().numpy()
 
     def add_items(self, texts: Sequence[str], encoder=None) -> np.ndarray:
         """Place new items, given their text, into the code table (ids num_items+1, …), returned in order."""

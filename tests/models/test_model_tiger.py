@@ -212,7 +212,7 @@ def test_bundle_round_trip_keeps_codes_quantiser_and_recommendations(trained_tig
     save_bundle(tmp_path / "b", trained_tiger, {}, items, {})
     loaded = load_bundle(tmp_path / "b").model
     assert torch.equal(loaded.codes, trained_tiger.codes) and bool(loaded.fitted)
-    assert torch.equal(loaded.centroids, trained_tiger.centroids)
+    assert torch.equal(loaded.quantiser.centroids, trained_tiger.quantiser.centroids)
     batch = left_padded_batch(SUCCESSOR_HISTORIES, 5)
     for a, b in zip(loaded.recommend(batch, 10), trained_tiger.recommend(batch, 10)):
         torch.testing.assert_close(a, b)
