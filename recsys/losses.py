@@ -250,6 +250,34 @@ class SampledSoftmax(SequenceLoss):
         return F.cross_entropy(logits, labels)
 
 
+class SemanticIdCrossEntropy:
+    """TIGER's objective (Rajput et al. 2023, §3.2): teacher-forced cross-entropy over the L+1 codes of the
+    target item's semantic id, each level's logits over that level's vocabulary (GRID's one head per level), the
+    mean over levels. ``level_logits`` [(N, size_d)], ``codes`` (N, L+1)."""
+
+    def __call__(self, level_logits: list[torch.Tensor], codes: torch.Tensor) -> torch.Tensor:
+        return torch.stack([F.cross_entropy(logits, codes[:, d]) for d, logits in enumerate(level_logits)]).mean()
+
+
+class BlockDistillation:
+    """SLMRec's feature-alignment loss (Xu et al., ICLR 2025, §3 "knowledge distillation"; model-specs §6):
+    L_KD = Σ_b mean_rows[λ·(1 − cos(h^s_b, h^t_b)) + l2_weight·‖h^s_b − h^t_b‖₂] over the aligned blocks'
+    (rows, hidden) states of student and frozen teacher."""
+
+    def __init__(self, cosine_weight: float = 1.0, l2_weight: float = 0.1):
+        self.cosine_weight = cosine_weight
+        self.l2_weight = l2_weight
+
+    def __call__(self, student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
+        total = student[0].new_zeros(())
+        for s, t in zip(student, teacher, strict=True):
+            cosine = 1.0 - F.cosine_similarity(s, t, dim=-1)
+            # vector_norm's gradient at a zero difference is 0 (not NaN), so identical states are a stable minimum
+            distance = torch.linalg.vector_norm(s - t, dim=-1)
+            total = total + (self.cosine_weight * cosine + self.l2_weight * distance).mean()
+        return total
+
+
 class LossSettings(BaseModel):
     """The loss fields of every model config whose model builds its loss with ``build_loss`` (mixed into
     SASRec's, GRU4Rec's, Mamba4Rec's and TiM4Rec's configs)."""

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from recsys.losses import FullCrossEntropy
+from recsys.losses import BlockDistillation, FullCrossEntropy
 from recsys.models.base import Borrowed, ModelConfig, SequentialModel, register
 
 LORA_TARGETS = ("gate_proj", "up_proj", "down_proj")  # the reference's LoRA targets (model-specs §6)
@@ -91,19 +91,6 @@ def block_alignment(student_layers: int, teacher_layers: int, blocks: int) -> li
         raise ValueError(f"{blocks} distillation blocks must divide both the student's {student_layers} and the "
                          f"teacher's {teacher_layers} layers")
     return [(b * student_layers // blocks, b * teacher_layers // blocks) for b in range(1, blocks + 1)]
-
-
-def block_distillation_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], cosine_weight: float = 1.0,
-                            l2_weight: float = 0.1) -> torch.Tensor:
-    """L_KD = Σ_b mean_rows[λ·(1 − cos(h^s_b, h^t_b)) + l2_weight·‖h^s_b − h^t_b‖₂] (SLMRec Eq. for the feature
-    alignment loss; model-specs §6) over aligned (rows, hidden) states."""
-    total = student[0].new_zeros(())
-    for s, t in zip(student, teacher, strict=True):
-        cosine = 1.0 - F.cosine_similarity(s, t, dim=-1)
-        # vector_norm's gradient at a zero difference is 0 (not NaN), so identical states are a stable minimum
-        distance = torch.linalg.vector_norm(s - t, dim=-1)
-        total = total + (cosine_weight * cosine + l2_weight * distance).mean()
-    return total
 
 
 @torch.no_grad()
@@ -334,9 +321,8 @@ class SLMRec(SequentialModel):
         with torch.no_grad():
             teacher_states = teacher.layer_states(batch.items, all_layers=True)
         pairs = block_alignment(c.num_layers, teacher.config.num_layers, self.blocks)
-        kd = block_distillation_loss([states[s][supervised] for s, _ in pairs],
-                                     [teacher_states[t][supervised] for _, t in pairs],
-                                     c.distill_cosine_weight, c.distill_l2_weight)
+        kd = BlockDistillation(c.distill_cosine_weight, c.distill_l2_weight)(
+            [states[s][supervised] for s, _ in pairs], [teacher_states[t][supervised] for _, t in pairs])
         terms = c.distill_weight * kd
         for head, (s, _) in zip(self.supervision_heads, pairs[:-1]):
             terms = terms + c.supervision_weight * self.supervision.loss_at(

@@ -27,11 +27,11 @@ from typing import Literal, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 
 from recsys.batching import SequenceBatch
 from recsys.beam_search import PrefixTrie, constrained_beam_search
+from recsys.losses import SemanticIdCrossEntropy
 from recsys.models.base import ModelConfig, SequentialModel, register
 from recsys.supervision import LastPosition
 from recsys.semantic_ids import RQVAEQuantiser, ResidualKMeans, code_statistics, resolve_collisions
@@ -120,6 +120,7 @@ class TIGER(SequentialModel):
         self.register_buffer("trained_items", torch.tensor(num_items))
         self.register_buffer("level_offsets", torch.tensor(self.offsets))
         self.quantiser = QUANTISERS[config.semantic_ids](config)
+        self.loss_fn = SemanticIdCrossEntropy()
         self.semantic_id_stats: dict[str, float] = {}
         self._trie_cache: tuple[tuple, PrefixTrie] | None = None
 
@@ -268,8 +269,7 @@ class TIGER(SequentialModel):
         tokens, mask = self.encoder_inputs(batch)
         encoded = self.encoder(input_ids=tokens, attention_mask=mask).last_hidden_state
         hidden = self.decode(decoder_in, encoded, mask)
-        losses = [F.cross_entropy(head(hidden[:, d]), codes[:, d]) for d, head in enumerate(self.heads)]
-        return torch.stack(losses).mean()
+        return self.loss_fn([head(hidden[:, d]) for d, head in enumerate(self.heads)], codes)
 
     def decode(self, decoder_in: torch.Tensor, encoded: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Decoder states (R, t, d_model) for the start token + code tokens ``decoder_in`` (causal self-attention,

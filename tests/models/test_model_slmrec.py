@@ -16,7 +16,8 @@ import torch
 
 from recsys.bundle import borrowed_inputs, load_bundle, save_bundle
 from recsys.models import build_model
-from recsys.models.slmrec import SLMRecConfig, block_alignment, block_distillation_loss, default_blocks
+from recsys.losses import BlockDistillation
+from recsys.models.slmrec import SLMRecConfig, block_alignment, default_blocks
 from tests.helpers import left_padded_batch
 
 NUM_ITEMS = 20
@@ -207,11 +208,11 @@ def test_distillation_loss_matches_a_hand_computed_value():
     t = [torch.tensor([[3.0, 0.0], [1.0, 0.0]])]
     # row 1: cos = 9 / (5·3) = 0.6, ‖s − t‖ = 4; row 2: identical
     expected = ((1 - 0.6) * 2.0 + 0.5 * 4.0 + 0.0) / 2
-    assert block_distillation_loss(s, t, cosine_weight=2.0, l2_weight=0.5).item() == pytest.approx(expected)
-    two_blocks = block_distillation_loss(s * 2, t * 2, cosine_weight=2.0, l2_weight=0.5)
+    assert BlockDistillation(cosine_weight=2.0, l2_weight=0.5)(s, t).item() == pytest.approx(expected)
+    two_blocks = BlockDistillation(cosine_weight=2.0, l2_weight=0.5)(s * 2, t * 2)
     assert two_blocks.item() == pytest.approx(2 * expected)  # a sum over blocks
     same = torch.randn(4, 3, requires_grad=True)
-    zero = block_distillation_loss([same], [same.detach().clone()])
+    zero = BlockDistillation()([same], [same.detach().clone()])
     zero.backward()
     assert zero.item() == pytest.approx(0.0, abs=1e-6) and torch.isfinite(same.grad).all()
 
