@@ -42,8 +42,8 @@ in every row. Everything but the time path's Linear(L → L) maps is per positio
 pad, so it can drop those columns as they are. W_a and W_g read only their last W inputs (δ̂ is 0 in the dropped
 columns); W_b and W_g write only their last W outputs (the rest multiply δ̂ = 0 or are masked by LN_L), while W_a
 keeps all L outputs, since W_b reads them all. LN_L uses the last W entries of its affine. The result equals the
-L-wide computation (a test checks outputs and gradients); on Beauty's prefixes (mean batch width 11 of 50) a
-training step takes 0.58 s instead of 1.47 s (one thread, with ssd's chunk no longer padded past the width).
+L-wide computation (a test checks outputs and gradients) at a fraction of its cost on short prefixes
+(docs/results.md).
 
 **Deviations from the reference code** (AlwaysFHao/TiM4Rec as model-specs §5 describes it; its model files were
 not available to read, so these are documented choices, not the paper's):
