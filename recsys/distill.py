@@ -27,7 +27,9 @@ import torch
 from kernels import topk_scores
 from recsys.batching import SequenceBatch, eval_batches
 from recsys import distributed
-from recsys.run import RunResult, resolve_dataset, scoped_settings, train_run
+from recsys.models import model_class
+from recsys.run import Recipe, RunResult, register_recipe, resolve_dataset, scoped_settings, train_run
+from recsys.trainer import TrainConfig
 
 ROLES = ("sasrec", "teacher", "student")
 SET_BY_THE_RECIPE = ("num_layers", "teacher_bundle")
@@ -226,3 +228,49 @@ def distill_run(
     finally:
         if parent:
             parent.end(status)
+
+
+# ------------------------------------------------------------------ the recipe in ``recsys report`` / ``make eval``
+DEPTHS = ("teacher_layers", "student_layers")
+
+
+def recipe_settings() -> set[str]:
+    """What ``slmrec-distill.key`` takes in a report: slmrec's and training settings but the ones the recipe owns
+    (depths come as ``teacher_layers`` / ``student_layers``), and any of them for one role (``student.lr``)."""
+    trained = set(TrainConfig.model_fields)
+    slmrec = set(model_class("slmrec").Config.model_fields) | trained
+    roles = {f"{role}.{key}" for role in ROLES
+             for key in (set(model_class("sasrec").Config.model_fields) | trained if role == "sasrec" else slmrec)}
+    return (slmrec - set(SET_BY_THE_RECIPE)) | set(DEPTHS) | roles
+
+
+def report_runs(ds, settings: dict, results: dict[str, RunResult], *, epochs, seed, track, resume=False):
+    """SLMRec's teacher and student as two report rows (borrowing the item table of a SASRec listed before), their
+    registry model, and the distillation figures as a note."""
+    settings = dict(settings)
+    depths = {key: settings.pop(key, None) for key in DEPTHS}
+    table = settings.pop("item_table_bundle", None) or (results["sasrec"].bundle_dir if "sasrec" in results else None)
+    if depths["teacher_layers"] is None:  # SLMRec's own default depth
+        depths["teacher_layers"] = model_class("slmrec").Config.model_fields["num_layers"].default
+    run = distill_run(ds, int(depths["teacher_layers"]),
+                      int(depths["student_layers"]) if depths["student_layers"] is not None else None,
+                      item_table_bundle=table, epochs=epochs, overrides=settings, seed=seed, track=track,
+                      resume=resume)
+    rows = {"slmrec-teacher": run.teacher, "slmrec-student": run.student}
+    return rows, dict.fromkeys(rows, "slmrec"), distillation_lines(run.distillation)
+
+
+def distillation_lines(figures: dict) -> list[str]:
+    return [
+        "",
+        f"SLMRec distillation: the {figures['student_layers']}-layer student keeps "
+        f"{100 * figures['kept_fraction']:.1f}% of the {figures['teacher_layers']}-layer teacher's NDCG@10 "
+        f"({figures['student_ndcg@10']:.4f} vs {figures['teacher_ndcg@10']:.4f}) and scores "
+        f"{figures['timing_requests']:,} test requests {figures['speedup']:.2f}x faster "
+        f"({figures['student_scoring_seconds']:.2f} s vs {figures['teacher_scoring_seconds']:.2f} s, same run); "
+        f"scoring parameters {figures['student_params']:,} vs {figures['teacher_params']:,} "
+        "(the frozen item table excluded).",
+    ]
+
+
+register_recipe(Recipe("slmrec-distill", recipe_settings, report_runs))

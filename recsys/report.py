@@ -29,7 +29,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from kernels.atomic import atomic_write_bytes  # noqa: E402
 from recsys import distributed  # noqa: E402
 from recsys.models import model_class  # noqa: E402
-from recsys.run import RunResult, resolve_dataset, scoped_settings, train_run  # noqa: E402
+from recsys.run import RECIPES, RunResult, resolve_dataset, scoped_settings, train_run  # noqa: E402
+import recsys.distill  # noqa: E402,F401  (registers the recipes listed beside models)
 from recsys.trainer import TrainConfig  # noqa: E402
 
 COLUMNS = ("model", "hr@10", "ndcg@10", "mrr", "train_seconds", "seconds_per_epoch", "parameters", "epochs",
@@ -100,56 +101,16 @@ def write_figure(path: Path, dataset: str, results: dict[str, RunResult]) -> Non
     atomic_write_bytes(path, image.getvalue())
 
 
-DISTILL = "slmrec-distill"
-DISTILL_DEPTHS = ("teacher_layers", "student_layers")
-
-
 def accepted_settings(name: str) -> set[str]:
-    """The keys a listed model takes. The distillation recipe owns its runs' depths, so ``num_layers`` reaches it
-    only as its ``teacher_layers`` / ``student_layers``; its roles take their own keys (``student.lr``)."""
-    trained = set(TrainConfig.model_fields)
-    if name != DISTILL:
-        return set(model_class(name).Config.model_fields) | trained
-    from recsys.distill import ROLES, SET_BY_THE_RECIPE
-
-    slmrec = set(model_class("slmrec").Config.model_fields) | trained
-    roles = {f"{role}.{key}" for role in ROLES
-             for key in (set(model_class("sasrec").Config.model_fields) | trained if role == "sasrec" else slmrec)}
-    return (slmrec - set(SET_BY_THE_RECIPE)) | set(DISTILL_DEPTHS) | roles
+    """The keys a listed model (or recipe) takes."""
+    if name in RECIPES:
+        return RECIPES[name].settings()
+    return set(model_class(name).Config.model_fields) | set(TrainConfig.model_fields)
 
 
 def settings_by_model(models: list[str], overrides: dict) -> dict[str, dict]:
     """Each listed model's settings: the plain keys it accepts, then its scoped ``model.key`` ones (which win)."""
     return scoped_settings(overrides, {name: accepted_settings(name) for name in models})
-
-
-def distilled_results(ds, settings: dict, results: dict[str, RunResult], *, epochs, seed, track, resume=False):
-    """SLMRec's teacher and student (``recsys.distill``) as two report rows, and the distillation figures."""
-    from recsys.distill import distill_run
-
-    settings = dict(settings)
-    depths = {key: settings.pop(key, None) for key in DISTILL_DEPTHS}
-    table = settings.pop("item_table_bundle", None) or (results["sasrec"].bundle_dir if "sasrec" in results else None)
-    if depths["teacher_layers"] is None:  # SLMRec's own default depth
-        depths["teacher_layers"] = model_class("slmrec").Config.model_fields["num_layers"].default
-    run = distill_run(ds, int(depths["teacher_layers"]),
-                      int(depths["student_layers"]) if depths["student_layers"] is not None else None,
-                      item_table_bundle=table, epochs=epochs, overrides=settings, seed=seed, track=track,
-                      resume=resume)
-    return {"slmrec-teacher": run.teacher, "slmrec-student": run.student}, run.distillation
-
-
-def distillation_lines(figures: dict) -> list[str]:
-    return [
-        "",
-        f"SLMRec distillation: the {figures['student_layers']}-layer student keeps "
-        f"{100 * figures['kept_fraction']:.1f}% of the {figures['teacher_layers']}-layer teacher's NDCG@10 "
-        f"({figures['student_ndcg@10']:.4f} vs {figures['teacher_ndcg@10']:.4f}) and scores "
-        f"{figures['timing_requests']:,} test requests {figures['speedup']:.2f}x faster "
-        f"({figures['student_scoring_seconds']:.2f} s vs {figures['teacher_scoring_seconds']:.2f} s, same run); "
-        f"scoring parameters {figures['student_params']:,} vs {figures['teacher_params']:,} "
-        "(the frozen item table excluded).",
-    ]
 
 
 def run_report(dataset: str, models: list[str], *, raw_dir=None, data_root=None, engine=None, epochs: int | None = None,
@@ -167,12 +128,12 @@ def run_report(dataset: str, models: list[str], *, raw_dir=None, data_root=None,
         if distributed.is_main():
             print(f"== training {name} on {dataset}", file=sys.stderr)
         own = settings[name]
-        if name == DISTILL:
-            runs, figures = distilled_results(ds, own, results, epochs=epochs, seed=seed, track=track,
-                                              resume=resume)
+        if name in RECIPES:
+            runs, registry, lines = RECIPES[name].run(ds, own, results, epochs=epochs, seed=seed, track=track,
+                                                      resume=resume)
             results.update(runs)
-            registered.update(dict.fromkeys(runs, "slmrec"))
-            notes += distillation_lines(figures)
+            registered.update(registry)
+            notes += lines
             continue
         for spec in model_class(name).borrows.values():
             # e.g. SLMRec borrows the item table of the SASRec trained just before it (model-specs §6)

@@ -32,6 +32,26 @@ class RunResult:
     run_id: str | None
 
 
+@dataclass(frozen=True)
+class Recipe:
+    """A procedure of several runs that ``recsys report`` lists like a model (e.g. SLMRec's distillation), so the
+    report names none: ``settings()`` are the keys it accepts; ``run(ds, settings, results, **kw)`` trains with the
+    results of the models listed before it and returns (report rows: name → RunResult, the registry model each
+    row's version belongs to, lines for the report's notes)."""
+
+    name: str
+    settings: Callable[[], set[str]]
+    run: Callable[..., tuple[dict[str, "RunResult"], dict[str, str], list[str]]]
+
+
+RECIPES: dict[str, Recipe] = {}
+
+
+def register_recipe(recipe: Recipe) -> Recipe:
+    RECIPES[recipe.name] = recipe
+    return recipe
+
+
 def scoped_settings(overrides: dict[str, Any], scopes: dict[str, set[str] | None],
                     plain_to: list[str] | None = None) -> dict[str, dict[str, Any]]:
     """The one reading of scoped ``--set`` values (``recsys report``'s models, ``recsys distill``'s roles):
