@@ -5,14 +5,11 @@ test figures never choose anything).
 Settings (``--set``): a plain ``key=value`` goes to every listed model that has the key; ``model.key=value`` to that
 model only (e.g. ``sasrec.hidden_size=64``).
 
-``slmrec`` listed after ``sasrec`` borrows that SASRec's item table; listed alone it learns its own.
-``slmrec-distill`` runs SLMRec's whole recipe (``recsys.distill``: an M-layer teacher, then an M/4-layer student
-distilled from it, on the table of the SASRec listed before it, or of one it trains first) and reports both as
-``slmrec-teacher`` and ``slmrec-student`` rows, with the student's kept fraction of the teacher's NDCG@10, its
-speed-up and both parameter counts under the table. Its own settings are scoped:
-``slmrec-distill.teacher_layers=8`` (default: slmrec's ``num_layers``, 4), ``slmrec-distill.student_layers``, and
-anything ``recsys distill --set`` takes, e.g. ``slmrec-distill.hidden_size=256`` or
-``slmrec-distill.student.lr=0.003``."""
+A model that borrows from another run (``SequentialModel.borrows``: SLMRec the item table of SASRec) gets the bundle
+of that model when it is listed before it. Recipes registered with ``recsys.run.register_recipe`` are listed like
+models and add their own rows and notes (``slmrec-distill``: SLMRec's teacher and distilled student,
+``recsys.distill``; its settings are scoped, e.g. ``slmrec-distill.teacher_layers=8``,
+``slmrec-distill.student.lr=0.003``)."""
 
 from __future__ import annotations
 
