@@ -28,8 +28,8 @@ from kernels import topk_scores
 from recsys.batching import SequenceBatch, eval_batches
 from recsys import distributed
 from recsys.models import model_class
-from recsys.run import Recipe, RunResult, register_recipe, resolve_dataset, scoped_settings, train_run
-from recsys.trainer import TrainConfig
+from recsys.run import (Recipe, RunResult, model_settings, register_recipe, resolve_dataset, scoped_settings,
+                        train_run)
 
 ROLES = ("sasrec", "teacher", "student")
 SET_BY_THE_RECIPE = ("num_layers", "teacher_bundle")
@@ -237,10 +237,8 @@ DEPTHS = ("teacher_layers", "student_layers")
 def recipe_settings() -> set[str]:
     """What ``slmrec-distill.key`` takes in a report: slmrec's and training settings but the ones the recipe owns
     (depths come as ``teacher_layers`` / ``student_layers``), and any of them for one role (``student.lr``)."""
-    trained = set(TrainConfig.model_fields)
-    slmrec = set(model_class("slmrec").Config.model_fields) | trained
-    roles = {f"{role}.{key}" for role in ROLES
-             for key in (set(model_class("sasrec").Config.model_fields) | trained if role == "sasrec" else slmrec)}
+    slmrec, sasrec = model_settings("slmrec"), model_settings("sasrec")
+    roles = {f"{role}.{key}" for role in ROLES for key in (sasrec if role == "sasrec" else slmrec)}
     return (slmrec - set(SET_BY_THE_RECIPE)) | set(DEPTHS) | roles
 
 
@@ -249,7 +247,9 @@ def report_runs(ds, settings: dict, results: dict[str, RunResult], *, epochs, se
     registry model, and the distillation figures as a note."""
     settings = dict(settings)
     depths = {key: settings.pop(key, None) for key in DEPTHS}
-    table = settings.pop("item_table_bundle", None) or (results["sasrec"].bundle_dir if "sasrec" in results else None)
+    borrowed = model_class("slmrec").borrows["item_table"]  # SASRec's table, when SASRec was listed before
+    table = settings.pop(borrowed.field, None) or (
+        results[borrowed.provider].bundle_dir if borrowed.provider in results else None)
     if depths["teacher_layers"] is None:  # SLMRec's own default depth
         depths["teacher_layers"] = model_class("slmrec").Config.model_fields["num_layers"].default
     run = distill_run(ds, int(depths["teacher_layers"]),

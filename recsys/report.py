@@ -26,9 +26,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from kernels.atomic import atomic_write_bytes  # noqa: E402
 from recsys import distributed  # noqa: E402
 from recsys.models import model_class  # noqa: E402
-from recsys.run import RECIPES, RunResult, resolve_dataset, scoped_settings, train_run  # noqa: E402
+from recsys.run import RECIPES, RunResult, model_settings, resolve_dataset, scoped_settings, train_run  # noqa: E402
 import recsys.distill  # noqa: E402,F401  (registers the recipes listed beside models)
-from recsys.trainer import TrainConfig  # noqa: E402
 
 COLUMNS = ("model", "hr@10", "ndcg@10", "mrr", "train_seconds", "seconds_per_epoch", "parameters", "epochs",
            "best_epoch", "valid_ndcg@10", "coverage@10")
@@ -100,9 +99,7 @@ def write_figure(path: Path, dataset: str, results: dict[str, RunResult]) -> Non
 
 def accepted_settings(name: str) -> set[str]:
     """The keys a listed model (or recipe) takes."""
-    if name in RECIPES:
-        return RECIPES[name].settings()
-    return set(model_class(name).Config.model_fields) | set(TrainConfig.model_fields)
+    return RECIPES[name].settings() if name in RECIPES else model_settings(name)
 
 
 def settings_by_model(models: list[str], overrides: dict) -> dict[str, dict]:

@@ -76,6 +76,11 @@ def scoped_settings(overrides: dict[str, Any], scopes: dict[str, set[str] | None
     return own
 
 
+def model_settings(model_name: str) -> set[str]:
+    """Every key ``--set`` may give a run of ``model_name``: its config's fields and the training settings."""
+    return set(model_class(model_name).Config.model_fields) | set(TrainConfig.model_fields)
+
+
 def split_overrides(model_name: str, overrides: dict[str, Any]) -> tuple[dict, dict]:
     """Route each override to the model config or the train config; an unknown key is an error."""
     model_fields = set(model_class(model_name).Config.model_fields)

@@ -21,7 +21,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from recsys.losses import LossSettings, build_loss
 from recsys.models.base import ModelConfig, SequentialModel, register
-from recsys.nn import ItemEmbedding
+from recsys.nn import ItemEmbedding, zero_padding_rows
 
 
 class GRU4RecConfig(LossSettings, ModelConfig):
@@ -53,8 +53,7 @@ class GRU4Rec(SequentialModel):
         self.projection = nn.Linear(d, d) if config.output_projection else nn.Identity()
         self.loss_fn = build_loss(config)
         nn.init.normal_(self.item_embedding.weight, std=0.02)
-        with torch.no_grad():
-            self.item_embedding.weight[0].zero_()
+        zero_padding_rows(self)
 
     def sequence_states(self, batch):
         """The GRU state after every event, (B, T, d), left-padded like the batch (zeros at pads)."""

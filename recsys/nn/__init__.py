@@ -6,7 +6,7 @@ from recsys.nn.attention import MultiHeadSelfAttention
 from recsys.nn.embedding import ItemEmbedding, PositionEmbedding, left_pad_positions
 from recsys.nn.feedforward import FeedForward, ResidualFeedForward
 from recsys.nn.heads import biased_queries, biased_table
-from recsys.nn.init import normal_init, truncated_normal_init, xavier_init
+from recsys.nn.init import normal_init, truncated_normal_init, xavier_init, zero_padding_rows
 from recsys.nn.layers import MixerLayer
 from recsys.nn.mamba import Backend, MambaBlock, conv_backend
 from recsys.nn.ssd import RMSNormGated, SSDBlock
@@ -15,4 +15,5 @@ __all__ = [
     "Backend", "FeedForward", "ItemEmbedding", "MambaBlock", "MixerLayer", "MultiHeadSelfAttention",
     "PositionEmbedding", "RMSNormGated", "ResidualFeedForward", "SSDBlock", "biased_queries", "biased_table",
     "conv_backend", "left_pad_positions", "normal_init", "truncated_normal_init", "xavier_init",
+    "zero_padding_rows",
 ]

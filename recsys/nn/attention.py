@@ -22,6 +22,7 @@ class MultiHeadSelfAttention(nn.Module):
         self.heads = heads
         self.dropout = dropout
         self.causal = causal
+        self.fused_qkv = fused_qkv
         if fused_qkv:
             self.qkv = nn.Linear(hidden, 3 * hidden)
         else:
@@ -32,7 +33,9 @@ class MultiHeadSelfAttention(nn.Module):
     def forward(self, queries: torch.Tensor, keys: torch.Tensor | None, padding: torch.Tensor) -> torch.Tensor:
         b, t, d = queries.shape
         split = lambda x: x.view(b, t, self.heads, d // self.heads).transpose(1, 2)  # noqa: E731
-        if keys is None:
+        if self.fused_qkv:
+            if keys is not None:
+                raise ValueError("a fused Q/K/V projection attends over its queries only: pass keys=None")
             q, k, v = self.qkv(queries).chunk(3, dim=-1)
         else:
             q = self.query(queries)

@@ -28,15 +28,7 @@ def xavier_init(model: nn.Module) -> None:
 def truncated_normal_init(model: nn.Module, std: float) -> None:
     """BERT's init: Linear and Embedding weights from N(0, std²) cut at ±2σ (as TensorFlow does), Linear biases 0,
     LayerNorm (1, 0), padding rows zero."""
-    for module in model.modules():
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.trunc_normal_(module.weight, std=std, a=-2 * std, b=2 * std)
-            if isinstance(module, nn.Linear):
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
-    zero_padding_rows(model)
+    _init_modules(model, lambda weight: nn.init.trunc_normal_(weight, std=std, a=-2 * std, b=2 * std))
 
 
 def normal_init(model: nn.Module, std: float = 0.02, skip: tuple[nn.Module, ...] = (),
@@ -44,12 +36,18 @@ def normal_init(model: nn.Module, std: float = 0.02, skip: tuple[nn.Module, ...]
     """Mamba4Rec's ``_init_weights`` (also TiM4Rec's): Linear and Embedding weights N(0, std²), Linear biases 0,
     LayerNorm (1, 0), padding rows zero; modules in ``skip`` keep their own init (Mamba's Δ projection);
     ``kaiming_conv``: Kaiming-normal Conv1d weights with zero biases (TiM4Rec's ``is_kai_ming_init``)."""
+    _init_modules(model, lambda weight: nn.init.normal_(weight, mean=0.0, std=std), skip, kaiming_conv)
+
+
+def _init_modules(model: nn.Module, init_weight, skip: tuple[nn.Module, ...] = (), kaiming_conv: bool = False) -> None:
+    """``init_weight`` on every Linear and Embedding weight, in module order (the order fixes the random draws),
+    Linear biases 0, LayerNorm (1, 0), optionally Kaiming-normal Conv1d; then the padding rows back to zero."""
     skipped = {id(m) for m in skip}
     for module in model.modules():
         if id(module) in skipped:
             continue
         if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=std)
+            init_weight(module.weight)
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.LayerNorm):
