@@ -15,7 +15,9 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+import torch
 
+from recsys.ranking import Exclusions, excluded_rows
 from serving.settings import IndexSettings
 
 RECALL_K = 10
@@ -42,6 +44,37 @@ class ItemIndex:
             params = faiss.SearchParametersHNSW(efSearch=self.search_param * effort)
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         return self.index.search(queries, min(k, self.ntotal), params=params)
+
+    def top(self, queries: torch.Tensor, k: int, exclude: Exclusions | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``recsys.ranking.Searcher`` the service hands ``model.recommend``: (item ids (Q, k) in 1..V, 0
+        where short; scores), exclusions removed. It over-fetches by the number of excluded items (enough for an
+        exact index); an approximate index may still come back short (its probed cells hold too few items): those
+        queries are searched again with twice the fetch and twice the search effort, until the search is
+        exhaustive."""
+        vectors = queries.float().cpu().numpy()
+        n = self.ntotal
+        excluded = [np.zeros(0, np.int64)] * len(vectors) if exclude is None else excluded_rows(exclude)
+        items = np.zeros((len(vectors), k), dtype=np.int64)
+        scores = np.full((len(vectors), k), -np.inf, dtype=np.float32)
+        pending = list(range(len(vectors)))
+        fetch = {i: min(n, k + len(excluded[i])) for i in pending}
+        effort = 1
+        while pending:
+            found_scores, rows = self.search(vectors[pending], max(fetch[i] for i in pending), effort)
+            exhausted = effort >= self.exhaustive_at
+            still = []
+            for j, i in enumerate(pending):
+                valid = rows[j] >= 0
+                found, row_scores = rows[j][valid] + 1, found_scores[j][valid]
+                keep = ~np.isin(found, excluded[i])
+                found, row_scores = found[keep][:k], row_scores[keep][:k]
+                if len(found) < min(k, n - len(excluded[i])) and not (exhausted and fetch[i] >= n):
+                    fetch[i] = min(n, 2 * fetch[i])
+                    still.append(i)
+                else:
+                    items[i, :len(found)], scores[i, :len(found)] = found, row_scores
+            pending, effort = still, effort * 2
+        return torch.from_numpy(items), torch.from_numpy(scores)
 
     @property
     def exhaustive_at(self) -> int:

@@ -1,7 +1,7 @@
 """A model as the service holds it: the bundle's network, its id map and titles, and its faiss indexes.
 
-Score-based models rank through an inner-product index over their item table; generative models (TIGER) rank by
-their own trie-constrained beam search (``model.recommend``) and have no recommend index. ``/similar`` always uses
+Every model ranks through ``model.recommend``: score-based models hand it the inner-product index over their item
+table as the searcher; generative models (TIGER) search by beam and have no recommend index. ``/similar`` always uses
 a cosine index over ``model.similar_item_vectors()`` (the item table, or TIGER's text embeddings).
 
 Loading resolves a source (a bundle directory under an allowed root, or a ``models:/`` URI of this platform's
@@ -24,6 +24,7 @@ import torch
 from kernels._cpu import cpu_kernels
 from recsys.batching import pad_histories
 from recsys.bundle import load_bundle
+from recsys.ranking import exclusions
 from serving.index import ItemIndex, build_index, load_index, save_index
 from serving.settings import ServiceSettings
 
@@ -81,14 +82,10 @@ class ServedModel:
     # --- the numeric work; runs in the service's inference thread -------------------------------------------------
 
     @torch.no_grad()
-    def encode(self, queries: list[Query]) -> np.ndarray:
-        """Query vectors for non-empty histories, one model call for the whole micro-batch."""
-        batch = pad_histories([(q.history, q.times) for q in queries], self.max_len)
-        return self.model.encode(batch).float().numpy()
-
     def rank(self, queries: list[Query]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """(item_idx, scores) best first for each query, exclusions removed. Empty histories get the popularity
-        ranking (the caller flags the fallback)."""
+        """(item_idx, scores) best first for each query, exclusions removed: one ``model.recommend`` call for the
+        micro-batch, searching the recommend index (generative models search by beam and have none). Empty
+        histories get the popularity ranking (the caller flags the fallback)."""
         out: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(queries)
         with_history = [i for i, q in enumerate(queries) if len(q.history)]
         for i, q in enumerate(queries):
@@ -96,50 +93,14 @@ class ServedModel:
                 out[i] = self.popular(q.k, q.excluded)
         if with_history:
             chosen = [queries[i] for i in with_history]
-            ranked = self._generate(chosen) if self.generative else self._search(self.encode(chosen), chosen)
-            for i, one in zip(with_history, ranked):
-                out[i] = one
+            ranking = self.model.recommend(pad_histories([(q.history, q.times) for q in chosen], self.max_len),
+                                           max(q.k for q in chosen), exclude=exclusions([q.excluded for q in chosen]),
+                                           searcher=self.recommend_index)
+            for i, q, items, scores in zip(with_history, chosen, ranking.items.numpy(),
+                                           ranking.scores.float().numpy()):
+                keep = items > 0  # 0 pads a list that ran short
+                out[i] = (items[keep][: q.k], scores[keep][: q.k])
         return out  # type: ignore[return-value]
-
-    @torch.no_grad()
-    def _generate(self, queries: list[Query]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """One beam search for the micro-batch, asked for enough items that every query keeps k after its
-        exclusions (the trie makes every returned id a real, distinct item)."""
-        fetch = min(self.num_items, max(q.k + len(np.unique(q.excluded)) for q in queries))
-        batch = pad_histories([(q.history, q.times) for q in queries], self.max_len)
-        items, scores = self.model.recommend(batch, fetch)
-        out = []
-        for q, row, row_scores in zip(queries, items.numpy(), scores.float().numpy()):
-            keep = (row > 0) & ~np.isin(row, q.excluded)  # 0 pads a list that ran short
-            out.append((row[keep][: q.k], row_scores[keep][: q.k]))
-        return out
-
-    def _search(self, vectors: np.ndarray, queries: list[Query]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Over-fetch by the number of excluded items (enough for an exact index). An approximate index may still
-        come back short (its probed cells hold too few items): those queries are searched again with twice the
-        fetch and twice the search effort, until the search is exhaustive."""
-        results: list = [None] * len(queries)
-        pending = list(range(len(queries)))
-        fetch = {i: min(self.num_items, queries[i].k + len(queries[i].excluded)) for i in pending}
-        effort = 1
-        while pending:
-            scores, rows = self.recommend_index.search(vectors[pending], max(fetch[i] for i in pending), effort)
-            exhausted = effort >= self.recommend_index.exhaustive_at
-            still = []
-            for j, i in enumerate(pending):
-                q = queries[i]
-                valid = rows[j] >= 0
-                items, item_scores = rows[j][valid] + 1, scores[j][valid]
-                keep = ~np.isin(items, q.excluded)
-                items, item_scores = items[keep][: q.k], item_scores[keep][: q.k]
-                wanted = min(q.k, self.num_items - len(np.unique(q.excluded)))
-                if len(items) < wanted and not (exhausted and fetch[i] >= self.num_items):
-                    fetch[i] = min(self.num_items, 2 * fetch[i])
-                    still.append(i)
-                else:
-                    results[i] = (items, item_scores)
-            pending, effort = still, effort * 2
-        return results
 
     def popular(self, k: int, excluded: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         order = self.popular_order

@@ -18,6 +18,8 @@ from torch import nn
 
 from pipelines.jagged import Jagged
 from recsys.batching import SequenceBatch
+from recsys.ranking import ExactSearch, Exclusions, Ranking, Searcher, drop_excluded, excluded_rows, \
+    ranks_in_lists, row_chunks
 from recsys.supervision import EveryPosition, Supervision
 
 MODELS: dict[str, type["SequentialModel"]] = {}
@@ -49,7 +51,7 @@ class SequentialModel(nn.Module):
     trainable: ClassVar[bool] = True
     # TrainConfig fields this model trains best with (measured; docs/results.md); --set overrides.
     train_defaults: ClassVar[dict[str, Any]] = {}
-    # True for generative models (semantic ids): they implement ``recommend`` and have no ``item_embeddings``.
+    # True for generative models (GenerativeModel): they rank by search and have no ``item_embeddings``.
     generative: ClassVar[bool] = False
     # constructor argument → what it takes from another run's bundle (SLMRec: SASRec's item table, its teacher)
     borrows: ClassVar[dict[str, Borrowed]] = {}
@@ -96,13 +98,15 @@ class SequentialModel(nn.Module):
         return {}
 
     @torch.no_grad()
-    def recommend(self, batch: SequenceBatch, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k item ids (B, k) in 1..V and their scores (B, k), best first: the one entry point shared by
-        score-based models (here, ``encode @ item_embeddings.T`` over the whole catalogue, padding excluded) and
-        generative ones (which override it)."""
-        scores = self.encode(batch) @ self.item_embeddings()[1:].T
-        top_scores, top = scores.topk(min(k, scores.shape[1]), dim=1)
-        return top + 1, top_scores
+    def recommend(self, batch: SequenceBatch, k: int, exclude: Exclusions | None = None,
+                  targets: torch.Tensor | None = None, searcher: Searcher | None = None) -> Ranking:
+        """The top-k items of each row (and, given ``targets``, each target's rank): the one entry point of
+        evaluation and serving (``recsys.ranking``). Score-based models search ``encode @ item_embeddings.T`` with
+        ``searcher`` (exact over the whole catalogue when None); the target rank is always exact."""
+        queries = self.encode(batch)
+        exact = ExactSearch(self.item_embeddings())
+        items, scores = (searcher or exact).top(queries, k, exclude)
+        return Ranking(items, scores, None if targets is None else exact.target_ranks(queries, targets, exclude))
 
     def prepare_training(self, train: Jagged) -> None:
         """Called by ``Trainer.fit`` once before training with the TRAINING split only (never valid/test targets):
@@ -126,6 +130,37 @@ class SequentialModel(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+class GenerativeModel(SequentialModel):
+    """A model that generates its lists (semantic-id decoders) instead of scoring a catalogue table: it implements
+    ``beam_search`` and inherits ``recommend``, which asks each search for k + |excluded| items (in row chunks of at
+    most ROW_BUDGET rows × list length, since beams widen with the list), drops the excluded ones, and ranks a target
+    by its place in the list (inf when absent, so MRR is over the list, not the catalogue)."""
+
+    generative = True
+    ROW_BUDGET = 16384
+
+    def beam_search(self, batch: SequenceBatch, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """n distinct items (B, n) in 1..V (0 where fewer exist) and their scores, best first."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def recommend(self, batch: SequenceBatch, k: int, exclude: Exclusions | None = None,
+                  targets: torch.Tensor | None = None, searcher: Searcher | None = None) -> Ranking:
+        if searcher is not None:
+            raise ValueError(f"{self.name} ranks by its own search and takes no searcher")
+        excluded = None if exclude is None else excluded_rows(exclude)
+        extra = np.zeros(len(batch.items), dtype=np.int64) if excluded is None else np.array([len(e) for e in excluded])
+        parts = []
+        for start, stop in row_chunks(extra, k, self.ROW_BUDGET):
+            rows = slice(start, stop)
+            sub = SequenceBatch(batch.items[rows], batch.times[rows], None,
+                                None if batch.user_idx is None else batch.user_idx[rows])
+            items, scores = self.beam_search(sub, min(k + int(extra[rows].max(initial=0)), self.num_items))
+            parts.append(drop_excluded(items, scores, None if excluded is None else excluded[rows], k))
+        items, scores = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        return Ranking(items, scores, None if targets is None else ranks_in_lists(items, targets.to(items.device)))
 
 
 def register(cls: type[SequentialModel]) -> type[SequentialModel]:

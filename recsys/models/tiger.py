@@ -32,7 +32,7 @@ from pydantic import Field
 from recsys.batching import SequenceBatch
 from recsys.beam_search import PrefixTrie, constrained_beam_search
 from recsys.losses import SemanticIdCrossEntropy
-from recsys.models.base import ModelConfig, SequentialModel, register
+from recsys.models.base import GenerativeModel, ModelConfig, register
 from recsys.supervision import LastPosition
 from recsys.semantic_ids import RQVAEQuantiser, ResidualKMeans, code_statistics, resolve_collisions
 
@@ -83,12 +83,11 @@ QUANTISERS = {
 
 
 @register
-class TIGER(SequentialModel):
-    """Generative retrieval over semantic ids (Rajput et al. 2023); ``recommend`` replaces ``item_embeddings``."""
+class TIGER(GenerativeModel):
+    """Generative retrieval over semantic ids (Rajput et al. 2023): ranks by ``beam_search``, has no item table."""
 
     name = "tiger"
     Config = TIGERConfig
-    generative = True
     # TIGER trains with batch 256; one target per row here as in the paper. lr follows the platform's Adam
     # cosine schedule (the paper: 0.01 with inverse-sqrt decay over 200k steps), not yet tuned.
     train_defaults = {"batch_size": 256, "lr": 1e-3}
@@ -295,8 +294,8 @@ class TIGER(SequentialModel):
         return out.last_hidden_state.reshape(batch, width, t, -1)
 
     @torch.no_grad()
-    def recommend(self, batch: SequenceBatch, k: int, beam_width: int | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    def beam_search(self, batch: SequenceBatch, k: int, beam_width: int | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k items (B, k) and their scores Σ_d log p (B, k) by trie-constrained beam search."""
         self._require_fitted()
         trie = self.trie()

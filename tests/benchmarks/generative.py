@@ -56,6 +56,8 @@ def percentiles(seconds: list[float]) -> dict:
 def time_model(model, requests: list[np.ndarray], k: int, batch_size: int, exclude_seen: bool) -> dict:
     import torch
 
+    from recsys.ranking import exclusions
+
     max_len = model.config.max_len
     with torch.inference_mode():
         model.recommend(batch_of(requests[:2], max_len), k)  # warm-up
@@ -67,10 +69,9 @@ def time_model(model, requests: list[np.ndarray], k: int, batch_size: int, exclu
             single.append(time.perf_counter() - start)
             if exclude_seen:
                 start = time.perf_counter()
-                items, _ = model.recommend(batch, min(model.num_items, k + len(np.unique(row))))
-                kept = items[0][~torch.isin(items[0], torch.from_numpy(row))][:k]
+                items = model.recommend(batch, k, exclude=exclusions([row])).items
                 single_excl.append(time.perf_counter() - start)
-                assert len(kept) == k
+                assert (items > 0).all() and not torch.isin(items, torch.from_numpy(row)).any()
         start = time.perf_counter()
         for lo in range(0, len(requests), batch_size):
             model.recommend(batch_of(requests[lo:lo + batch_size], max_len), k)

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from recsys.evaluation import metrics_from_ranks, rank_and_top
+from recsys.evaluation import metrics_from_ranks
+from recsys.ranking import ExactSearch
 
 
 def test_metrics_from_ranks_hand_computed():
@@ -21,6 +22,11 @@ def test_metrics_from_ranks_hand_computed():
     # MRR over the full ranking: (1 + 1/3 + 1/12 + 0) / 4
     assert m["mrr"] == pytest.approx((1 + 1 / 3 + 1 / 12) / 4)
     assert m["mrr@5"] == pytest.approx((1 + 1 / 3) / 4)
+
+
+def rank_and_top(queries, table, targets, exclude, k, item_chunk):
+    search = ExactSearch(table, item_chunk)
+    return search.target_ranks(queries, targets, exclude), search.top(queries, k, exclude)[0]
 
 
 def test_rank_counts_every_item_and_ties_against_target():
@@ -44,3 +50,11 @@ def test_excluded_items_leave_the_ranking_and_an_excluded_target_is_a_miss():
     assert ranks[0].item() == 2.0  # only item 2 is left above item 3
     assert math.isinf(ranks[1].item())
     assert top[0].tolist() == [2, 3]
+
+
+def test_a_list_longer_than_what_is_left_is_zero_filled_with_minus_infinity():
+    table = torch.tensor([[0.0], [5.0], [3.0], [1.0]])
+    exclude = (torch.tensor([0, 1]), torch.tensor([2]))
+    items, scores = ExactSearch(table).top(torch.ones(1, 1), 4, exclude)
+    assert items.tolist() == [[1, 3, 0, 0]]
+    assert scores[0, :2].tolist() == [5.0, 1.0] and torch.isneginf(scores[0, 2:]).all()

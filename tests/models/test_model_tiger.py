@@ -18,8 +18,10 @@ from hypothesis import strategies as st
 from pipelines.jagged import Jagged
 from recsys.beam_search import PrefixTrie, constrained_beam_search
 from recsys.bundle import load_bundle, save_bundle
-from recsys.evaluation import evaluate, ranks_from_lists
+from recsys.evaluation import evaluate
 from recsys.models import build_model
+from recsys.models.base import GenerativeModel, ModelConfig
+from recsys.ranking import exclusions
 from recsys.trainer import TrainConfig, Trainer
 from tests.helpers import TINY_TIGER, fitted_tiny_tiger, left_padded_batch, random_embeddings, toy_split
 
@@ -129,13 +131,16 @@ def test_an_unfitted_model_and_a_too_large_k_are_clear_errors():
         model.recommend(left_padded_batch([[1, 2]], 2), 5)
     model.fit_semantic_ids(random_embeddings(NUM_ITEMS))
     with pytest.raises(ValueError, match="k must be in"):
-        model.recommend(left_padded_batch([[1, 2]], 2), NUM_ITEMS + 1)
+        model.beam_search(left_padded_batch([[1, 2]], 2), NUM_ITEMS + 1)
+    with pytest.raises(ValueError, match="takes no searcher"):
+        model.recommend(left_padded_batch([[1, 2]], 2), 5, searcher=object())
     with pytest.raises(ValueError, match="shape"):
         model.fit_semantic_ids(random_embeddings(NUM_ITEMS, dim=5))
 
 
 def test_learns_a_successor_pattern(trained_tiger):
-    items, scores = trained_tiger.recommend(left_padded_batch(SUCCESSOR_HISTORIES, 5), 10)
+    ranking = trained_tiger.recommend(left_padded_batch(SUCCESSOR_HISTORIES, 5), 10)
+    items, scores = ranking.items, ranking.scores
     assert items.shape == scores.shape == (NUM_ITEMS, 10)
     assert ((items >= 1) & (items <= NUM_ITEMS)).all()
     assert (items[:, 0] == SUCCESSORS).float().mean() >= 0.6  # chance: 0.05
@@ -149,37 +154,41 @@ def test_padding_never_changes_a_recommendation(extra):
     def run(rows, width):
         batch = left_padded_batch(rows, width)
         batch.user_idx = torch.arange(len(rows)) + 3
-        return model.recommend(batch, 6, beam_width=NUM_ITEMS)
+        return model.beam_search(batch, 6, beam_width=NUM_ITEMS)
 
     tight, wide = run(rows, 4), run(rows, 12)
     assert torch.equal(tight[0], wide[0])
     torch.testing.assert_close(tight[1], wide[1], rtol=1e-4, atol=1e-4)
 
 
-def test_evaluate_ranks_from_the_recommended_list_with_and_without_seen_items():
-    lists = np.array([[5, 3, 9, 1], [2, 4, 6, 8]])
-    ranks, top = ranks_from_lists(lists, np.array([9, 7]), None, 3)
-    assert ranks.tolist() == [3, np.inf] and top.tolist() == [[5, 3, 9], [2, 4, 6]]
-    ranks, top = ranks_from_lists(lists, np.array([9, 4]), [np.array([5]), np.array([4])], 3)
-    # the seen 5 leaves the list, so 9 moves up; a target that was seen counts as a miss
-    assert ranks.tolist() == [2, np.inf] and top.tolist() == [[3, 9, 1], [2, 6, 8]]
+class FixedListModel(GenerativeModel):
+    """A generative stub: its search always finds items 1, 2, 3, … in that order (0 beyond ``shown``)."""
 
+    name = "fixed-list"
 
-class FixedListModel(torch.nn.Module):
-    """A generative stub: always recommends items 1, 2, 3, … in that order."""
-
-    generative = True
-
-    def __init__(self, num_items):
-        super().__init__()
-        self.num_items = num_items
-        self.config = SimpleNamespace(max_len=50)
+    def __init__(self, num_items, shown=None):
+        super().__init__(ModelConfig(), num_items)
+        self.shown = shown or num_items
         self.asked: list[int] = []
 
-    def recommend(self, batch, k):
-        self.asked.append(k)
-        items = torch.arange(1, k + 1).expand(len(batch.items), k)
-        return items, -items.float()
+    def beam_search(self, batch, n):
+        self.asked.append(n)
+        items = torch.arange(1, n + 1).expand(len(batch.items), n)
+        return torch.where(items <= self.shown, items, 0), -items.float()
+
+
+def test_a_generative_list_drops_excluded_items_and_ranks_the_target_by_its_place():
+    model = FixedListModel(20, shown=5)
+    batch = left_padded_batch([[7, 2], [4]], 2)
+    ranking = model.recommend(batch, 4, exclude=exclusions([np.array([7, 2, 2]), np.array([4])]),
+                              targets=torch.tensor([3, 4]))
+    assert model.asked == [6]  # k + the longest distinct exclusion list
+    # item 2 leaves the first list, so 3 moves up; a target that was excluded counts as a miss; 0 fills short lists
+    assert ranking.items.tolist() == [[1, 3, 4, 5], [1, 2, 3, 5]]
+    assert ranking.target_ranks.tolist() == [2, np.inf]
+    short = model.recommend(batch, 7, targets=torch.tensor([6, 1]))
+    assert short.items[0].tolist() == [1, 2, 3, 4, 5, 0, 0] and torch.isneginf(short.scores[0, 5:]).all()
+    assert short.target_ranks.tolist() == [np.inf, 1]
 
 
 def test_evaluate_accepts_a_generative_model_through_the_same_entry_point():
@@ -214,8 +223,9 @@ def test_bundle_round_trip_keeps_codes_quantiser_and_recommendations(trained_tig
     assert torch.equal(loaded.codes, trained_tiger.codes) and bool(loaded.fitted)
     assert torch.equal(loaded.quantiser.centroids, trained_tiger.quantiser.centroids)
     batch = left_padded_batch(SUCCESSOR_HISTORIES, 5)
-    for a, b in zip(loaded.recommend(batch, 10), trained_tiger.recommend(batch, 10)):
-        torch.testing.assert_close(a, b)
+    a, b = loaded.recommend(batch, 10), trained_tiger.recommend(batch, 10)
+    assert torch.equal(a.items, b.items)
+    torch.testing.assert_close(a.scores, b.scores)
 
 
 def test_rqvae_ids_round_trip_and_place_new_items():
@@ -247,8 +257,8 @@ def test_new_items_are_placed_beside_their_twins_and_recommended_without_retrain
         (model.codes[1:NUM_ITEMS + 1, :3] == model.codes[twin, :3]).all(1), 3].tolist()
     # histories whose learned successor is item 7 now also get the new item (it shares 7's first three codes)
     histories = [h for h, s in zip(SUCCESSOR_HISTORIES, SUCCESSORS) if s == twin]
-    before, _ = trained_tiger.recommend(left_padded_batch(histories, 5), 10)
-    after, _ = model.recommend(left_padded_batch(histories, 5), 10)
+    before = trained_tiger.recommend(left_padded_batch(histories, 5), 10).items
+    after = model.recommend(left_padded_batch(histories, 5), 10).items
     assert not (before == new_id).any() and (after == new_id).any(1).all()
     assert len(model.trie()) == NUM_ITEMS + 1
 

@@ -274,7 +274,7 @@ def test_generative_model_is_served_by_its_beam_search(tmp_path):
     model = load_bundle(bundle_dir).model
     idx = np.array([int(i.removeprefix("it")) for i in history])
     with torch.no_grad():
-        items, scores = model.recommend(pad_histories([(idx, np.zeros_like(idx))], model.config.max_len), 5 + 4)
+        items, scores = model.beam_search(pad_histories([(idx, np.zeros_like(idx))], model.config.max_len), 5 + 4)
     keep = ~np.isin(items[0].numpy(), idx)
     expected = [f"it{i}" for i in items[0].numpy()[keep][:5]]
     text = model.item_text[1:].numpy()
