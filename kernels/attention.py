@@ -16,18 +16,19 @@ import torch.nn.functional as F
 from kernels._backend import resolve_backend
 
 
-def _allowed_mask(length: int, causal: bool, key_padding_mask: torch.Tensor | None, device) -> torch.Tensor | None:
-    """Boolean (B|1, 1, L, L) mask, True where query i may attend to key j."""
+def _allowed_mask(q_len: int, k_len: int, causal: bool, key_padding_mask: torch.Tensor | None, device
+                  ) -> torch.Tensor | None:
+    """Boolean (B|1, 1, Lq, Lk) mask, True where query i may attend to key j; the queries are the last Lq of the
+    Lk positions (all of them unless a caller needs only the final rows)."""
     if not causal and key_padding_mask is None:
         return None
-    eye = torch.eye(length, dtype=torch.bool, device=device)
-    allowed = torch.ones(length, length, dtype=torch.bool, device=device)
-    if causal:
-        allowed = torch.tril(allowed)
+    position = torch.arange(q_len, device=device)[:, None] + (k_len - q_len)  # each query's own key
+    keys = torch.arange(k_len, device=device)[None, :]
+    allowed = keys <= position if causal else torch.ones(q_len, k_len, dtype=torch.bool, device=device)
     allowed = allowed[None, None]
     if key_padding_mask is not None:
         allowed = allowed & ~key_padding_mask[:, None, None, :]
-    return allowed | eye
+    return allowed | (keys == position)
 
 
 def attention(
@@ -39,9 +40,10 @@ def attention(
     dropout_p: float = 0.0,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Attention over (B, H, L, Dh) tensors; ``key_padding_mask`` is (B, L) with True at pad positions."""
+    """Attention over (B, H, L, Dh) tensors; ``key_padding_mask`` is (B, L) with True at pad positions. ``q`` may
+    hold only the last Lq ≤ L query positions (B, H, Lq, Dh)."""
     backend = resolve_backend(backend)
-    mask = _allowed_mask(q.shape[-2], causal, key_padding_mask, q.device)
+    mask = _allowed_mask(q.shape[-2], k.shape[-2], causal, key_padding_mask, q.device)
     if backend == "torch":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
     scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])

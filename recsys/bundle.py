@@ -1,8 +1,9 @@
 """Model bundles: what training produces and what evaluation and serving load (architecture page, "Bundle").
 
 A bundle is a directory with ``config.json`` (model name, resolved configs, dataset identity), ``weights.safetensors``
-(no pickle anywhere), ``items.parquet`` (the id map and titles) and ``metrics.json``. It is written atomically:
-a directory that has all four files was written completely.
+(no pickle anywhere), ``items.parquet`` (the id map and titles) and ``metrics.json``, and from a training run
+``test_ranks.parquet`` (each test user's target rank). It is written atomically: a directory that has the four
+required files was written completely.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from recsys.models.base import ModelConfig
 
 FORMAT_VERSION = 1
 BUNDLE_FILES = ("config.json", "weights.safetensors", "items.parquet", "metrics.json")
+USER_RANKS = "test_ranks.parquet"  # optional: each test user's target rank, for paired significance tests
 
 
 @dataclass
@@ -32,8 +34,10 @@ class Bundle:
     metrics: dict
 
 
-def save_bundle(out_dir: str | Path, model: SequentialModel, config: dict, items: pd.DataFrame, metrics: dict) -> Path:
-    """Write a bundle. ``config`` carries train config and dataset identity; the model's own config is added."""
+def save_bundle(out_dir: str | Path, model: SequentialModel, config: dict, items: pd.DataFrame, metrics: dict,
+                user_ranks: pd.DataFrame | None = None) -> Path:
+    """Write a bundle. ``config`` carries train config and dataset identity; the model's own config is added;
+    ``user_ranks`` (user_idx and each test user's target rank) goes to ``test_ranks.parquet``."""
     out_dir = Path(out_dir)
     full_config = {
         "format_version": FORMAT_VERSION,
@@ -49,6 +53,8 @@ def save_bundle(out_dir: str | Path, model: SequentialModel, config: dict, items
         items[columns].to_parquet(tmp / "items.parquet", index=False)
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
         (tmp / "config.json").write_text(json.dumps(full_config, indent=2, sort_keys=True))
+        if user_ranks is not None:
+            user_ranks.to_parquet(tmp / USER_RANKS, index=False)
     return out_dir
 
 

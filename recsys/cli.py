@@ -49,7 +49,7 @@ def cmd_train(args) -> int:
 def cmd_evaluate(args) -> int:
     from pipelines.dataset import load_dataset
     from recsys.bundle import load_bundle
-    from recsys.evaluation import KS, cutoffs, evaluate
+    from recsys.evaluation import KS, cutoffs, evaluate, item_percentiles
 
     bundle = load_bundle(args.bundle)
     info = bundle.config["dataset"]
@@ -62,7 +62,8 @@ def cmd_evaluate(args) -> int:
     train_config = bundle.config["train_config"]
     ks = cutoffs(train_config.get("max_k", max(KS)))  # bundles from before max_k existed report every cutoff
     metrics = evaluate(bundle.model, eval_set, ds.num_items, bundle.config["exclude_seen"], ks=ks,
-                       batch_size=train_config["eval_batch_size"], device=distributed.device_for("auto"))
+                       batch_size=train_config["eval_batch_size"], device=distributed.device_for("auto"),
+                       item_percentile=item_percentiles(split.train, ds.num_items))
     if distributed.is_main():
         print(json.dumps(metrics, indent=2, sort_keys=True))
     return 0

@@ -12,13 +12,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import pandas as pd
+
 from pipelines.build import Engine, build_dataset
 from pipelines.cli import parse_settings as parse_overrides  # noqa: F401  (one parser for --set)
 from pipelines.dataset import ProcessedDataset, load_dataset
 from pipelines.jagged import Split
 from recsys import distributed
 from recsys.bundle import borrowed_inputs, save_bundle
-from recsys.evaluation import cutoffs, evaluate
+from recsys.evaluation import cutoffs, evaluate, evaluate_users, item_percentiles
 from recsys.models import build_model, model_class
 from recsys.tracking import RunLog, Tracker
 from recsys.trainer import TrainConfig, Trainer
@@ -197,10 +199,14 @@ def train_run(
     try:
         result = trainer.fit(model, split, ds.num_items, exclude_seen, on_epoch=log.epoch, resume=resume,
                              fingerprint=key, test_set=split.test)
-        eval_kw = dict(ks=cutoffs(train_config.max_k), batch_size=train_config.eval_batch_size, device=trainer.device)
+        eval_kw = dict(ks=cutoffs(train_config.max_k), batch_size=train_config.eval_batch_size, device=trainer.device,
+                       item_percentile=item_percentiles(split.train, ds.num_items))
         valid = evaluate(model, split.valid, ds.num_items, exclude_seen, **eval_kw)
-        test = evaluate(model, split.test, ds.num_items, exclude_seen, **eval_kw)
-        test_other = evaluate(model, split.test, ds.num_items, not exclude_seen, **eval_kw)
+        test, test_users = evaluate_users(model, split.test, ds.num_items, exclude_seen, **eval_kw)
+        test_other, other_users = evaluate_users(model, split.test, ds.num_items, not exclude_seen, **eval_kw)
+        # per-user test ranks under both exclusion settings, for paired significance tests between runs
+        user_ranks = pd.DataFrame({"user_idx": test_users.user_idx, "rank": test_users.ranks,
+                                   f"rank_exclude_seen_{'off' if exclude_seen else 'on'}": other_users.ranks})
         trained_epochs = [h for h in result.history if h["loss"] is not None]
         metrics = {
             "valid": valid,
@@ -221,7 +227,7 @@ def train_run(
         finished = result.stopped_because != "time budget"
 
         def publish() -> str | None:
-            save_bundle(out_dir, model.cpu(), run_config, ds.items, metrics)
+            save_bundle(out_dir, model.cpu(), run_config, ds.items, metrics, user_ranks)
             version = log.finish(out_dir, model_name, metrics, extra)
             if finished:
                 trainer.remove_checkpoint()  # a finished run needs no resume point

@@ -45,7 +45,7 @@ class Supervision:
         when given). Losses that sample negatives also get the items of each supervised row's sequence, to keep
         negatives off it."""
         supervised = self.positions(batch)
-        hidden = states[supervised]
+        hidden = states[supervised[:, -states.shape[1]:]]  # a look-ahead model may return its last column only
         if queries is not None:
             hidden = queries(hidden)
         row_items = None

@@ -30,18 +30,20 @@ class MultiHeadSelfAttention(nn.Module):
             self.key_value = nn.Linear(hidden, 2 * hidden)
         self.out = nn.Linear(hidden, hidden)
 
-    def forward(self, queries: torch.Tensor, keys: torch.Tensor | None, padding: torch.Tensor) -> torch.Tensor:
-        b, t, d = queries.shape
-        split = lambda x: x.view(b, t, self.heads, d // self.heads).transpose(1, 2)  # noqa: E731
+    def forward(self, queries: torch.Tensor, keys: torch.Tensor | None, padding: torch.Tensor,
+                last: int | None = None) -> torch.Tensor:
+        """``last``: compute only the final ``last`` query positions (B, last, d), attending over all keys."""
+        b, _, d = queries.shape
+        split = lambda x: x.view(b, x.shape[1], self.heads, d // self.heads).transpose(1, 2)  # noqa: E731
         if self.fused_qkv:
-            if keys is not None:
-                raise ValueError("a fused Q/K/V projection attends over its queries only: pass keys=None")
+            if keys is not None or last is not None:
+                raise ValueError("a fused Q/K/V projection attends over all its queries only: pass keys=None")
             q, k, v = self.qkv(queries).chunk(3, dim=-1)
         else:
-            q = self.query(queries)
+            q = self.query(queries if last is None else queries[:, -last:])
             k, v = self.key_value(keys).chunk(2, dim=-1)
         out = attention(
             split(q), split(k), split(v), causal=self.causal, key_padding_mask=padding,
             dropout_p=self.dropout if self.training else 0.0,
         )
-        return self.out(out.transpose(1, 2).reshape(b, t, d))
+        return self.out(out.transpose(1, 2).reshape(b, q.shape[1], d))

@@ -10,12 +10,13 @@ class FeedForward(nn.Module):
     """Drop(W₂·[Drop](act(W₁x))): SASRec's (Eq. 6, ReLU, dropout inside and out), BERT4Rec's (§3.3 PFFN, GELU,
     dropout after W₂ only: ``inner_dropout=False``)."""
 
-    def __init__(self, dim: int, inner: int, activation: nn.Module, dropout: float, inner_dropout: bool = True):
+    def __init__(self, dim: int, inner: int, activation: nn.Module, dropout: float | nn.Module,
+                 inner_dropout: bool = True):
         super().__init__()
         self.w_1 = nn.Linear(dim, inner)
         self.activation = activation
         self.w_2 = nn.Linear(inner, dim)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = dropout if isinstance(dropout, nn.Module) else nn.Dropout(dropout)  # a module: e.g. FastDropout
         self.inner_dropout = inner_dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

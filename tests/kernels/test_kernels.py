@@ -95,6 +95,18 @@ def test_attention_is_finite_on_fully_padded_rows_and_matches_reference():
     torch.testing.assert_close(fast[1:, :, 2:], out_row, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_attention_for_the_last_queries_only_gives_the_last_rows(causal, backend):
+    torch.manual_seed(4)
+    q, k, v = (torch.randn(2, 2, 6, 4) for _ in range(3))
+    pad = torch.tensor([[True, True, True, False, False, False], [False] * 6])
+    full = attention(q, k, v, causal=causal, key_padding_mask=pad, backend=backend)
+    for last in (1, 2):
+        part = attention(q[:, :, -last:], k, v, causal=causal, key_padding_mask=pad, backend=backend)
+        torch.testing.assert_close(part, full[:, :, -last:], rtol=1e-5, atol=1e-6)
+
+
 def test_unknown_backend_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown backend"):
         linear_cross_entropy(torch.randn(2, 3), torch.randn(4, 3), torch.tensor([1, 2]), backend="cuda-magic")

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from pipelines.jagged import Jagged
 from recsys.beam_search import PrefixTrie, constrained_beam_search
 from recsys.bundle import load_bundle, save_bundle
-from recsys.evaluation import evaluate
+from recsys.evaluation import evaluate, item_percentiles
 from recsys.models import build_model
 from recsys.models.base import GenerativeModel, ModelConfig
 from recsys.ranking import exclusions
@@ -306,7 +306,8 @@ def test_train_run_prepares_trains_and_bundles_tiger(tmp_path, capsys):
     from pipelines.dataset import load_dataset
 
     split = load_dataset(path).split()
-    again = evaluate(bundle.model, split.test, bundle.model.num_items, result.metrics["exclude_seen"])
+    again = evaluate(bundle.model, split.test, bundle.model.num_items, result.metrics["exclude_seen"],
+                     item_percentile=item_percentiles(split.train, bundle.model.num_items))
     assert again == result.metrics["test"]
 
 
