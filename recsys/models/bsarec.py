@@ -60,11 +60,12 @@ class BSARecBlock(nn.Module):
         self.ffn_norm = nn.LayerNorm(d, eps=1e-12)
 
     def forward(self, x: torch.Tensor, padding: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        last = 1 if last_only else None
         low = low_pass(x, self.kept)
         rows = slice(-1, None) if last_only else slice(None)
         low, skip = low[:, rows], x[:, rows]
         dsp = self.filter_norm(skip + self.filter_dropout(low + self.sqrt_beta ** 2 * (skip - low)))
-        gsp = self.attention_norm(skip + self.attention_dropout(self.attention(x, x, padding, last=1 if last_only else None)))
+        gsp = self.attention_norm(skip + self.attention_dropout(self.attention(x, x, padding, last)))
         h = self.alpha * dsp + (1 - self.alpha) * gsp
         return self.ffn_norm(h + self.ffn(h))
 

@@ -1,6 +1,6 @@
 """The parts models are assembled from: item and position embeddings, self-attention, feed-forward, the Mamba-1
-and Mamba-2 (SSD) mixers, a cheaper CPU dropout, the output bias of a tied head, and weight inits. Each part keeps its parameters in a
-fixed creation order, so a model assembled from them initialises exactly as before."""
+and Mamba-2 (SSD) mixers, a cheaper CPU dropout, the output bias of a tied head, and weight inits. Each part keeps
+its parameters in a fixed creation order, so a model assembled from them initialises exactly as before."""
 
 from recsys.nn.attention import MultiHeadSelfAttention
 from recsys.nn.dropout import FastDropout
