@@ -15,6 +15,7 @@ BUNDLE ?=
 NPROC ?=
 THREADS ?=
 # ENGINE=spark builds a missing dataset on Apache Spark (installs the [spark] extra; docs/pipelines-at-scale.md)
+# SEEDS="42 43 44" trains each model once per seed (mean ± sd, paired bootstrap tests); RESUME=1 reuses finished runs
 ENGINE ?=
 SPARK_MASTER ?=
 RECSYS_JOB = $(if $(NPROC),$(VENV)/bin/torchrun --nproc-per-node $(NPROC) -m recsys,$(VENV)/bin/recsys)
@@ -52,6 +53,7 @@ eval: $(STAMP)
 	$(if $(filter spark,$(ENGINE)),$(PY) -m pip install --quiet -e '.[spark]')
 	$(RECSYS_JOB) report --dataset $(DATASET) --models $(MODELS) $(if $(THREADS),--threads $(THREADS)) \
 		$(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(RAW_DIR),--raw-dir $(RAW_DIR)) $(foreach s,$(SET),--set $(s)) \
+		$(if $(SEEDS),--seeds $(SEEDS)) $(if $(RESUME),--resume) \
 		$(if $(ENGINE),--engine $(ENGINE)) $(if $(SPARK_MASTER),--spark-master $(SPARK_MASTER))
 
 serve: $(STAMP)

@@ -3,7 +3,7 @@
     recsys data build --dataset NAME [--raw-dir DIR]                       prints the processed dataset's path
     recsys train --model NAME --dataset NAME [--raw-dir DIR] [--epochs N] [--set key=value ...] [--seed S] [--out DIR]
     recsys evaluate --bundle DIR [--split test|valid]                       prints the metrics as JSON
-    recsys report --dataset NAME --models A B [--epochs N]                 what `make eval` runs
+    recsys report --dataset NAME --models A B [--epochs N] [--seeds S ...] [--resume]   what `make eval` runs
     recsys distill --dataset NAME [--raw-dir DIR] --teacher-layers M [--student-layers N] [--set key=value ...]
     recsys distill --dataset NAME [--raw-dir DIR] --teacher-bundle DIR [--student-layers N] [--set key=value ...]
     recsys mlflow-ui                                                        the MLflow dashboard on 127.0.0.1:5000
@@ -75,8 +75,8 @@ def cmd_report(args) -> int:
 
     out = run_report(args.dataset, args.models, raw_dir=args.raw_dir, data_root=args.data_root,
                      engine=engine_from_args(args), epochs=args.epochs,
-                     overrides=parse_overrides(args.set), seed=args.seed, track=not args.no_track,
-                     resume=distributed.restart_count() > 0)
+                     overrides=parse_overrides(args.set), seed=args.seed, seeds=args.seeds, track=not args.no_track,
+                     resume=args.resume or distributed.restart_count() > 0)
     if distributed.is_main():
         print((out / "eval.md").read_text())
         print(f"report written to {out}/ (eval.md, eval.csv, eval.png)", file=sys.stderr)
@@ -164,6 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="train and compare several models (make eval)")
     rep.add_argument("--dataset", default="synthetic")
     rep.add_argument("--models", nargs="+", default=["pop", "sasrec"])
+    rep.add_argument("--seeds", nargs="+", type=int, default=None,
+                     help="train each model once per seed; the table gives mean ± sd and paired bootstrap tests")
+    rep.add_argument("--resume", action="store_true",
+                     help="reuse runs that finished with the same settings and continue interrupted ones")
     common(rep)
     rep.set_defaults(func=cmd_report)
 

@@ -242,7 +242,8 @@ def recipe_settings() -> set[str]:
     return (slmrec - set(SET_BY_THE_RECIPE)) | set(DEPTHS) | roles
 
 
-def report_runs(ds, settings: dict, results: dict[str, RunResult], *, epochs, seed, track, resume=False):
+def report_runs(ds, settings: dict, results: dict[str, RunResult], *, epochs, seed, track, resume=False,
+                out_root=None):
     """SLMRec's teacher and student as two report rows (borrowing the item table of a SASRec listed before), their
     registry model, and the distillation figures as a note."""
     settings = dict(settings)
@@ -255,7 +256,7 @@ def report_runs(ds, settings: dict, results: dict[str, RunResult], *, epochs, se
     run = distill_run(ds, int(depths["teacher_layers"]),
                       int(depths["student_layers"]) if depths["student_layers"] is not None else None,
                       item_table_bundle=table, epochs=epochs, overrides=settings, seed=seed, track=track,
-                      resume=resume)
+                      resume=resume, out_root=out_root)
     rows = {"slmrec-teacher": run.teacher, "slmrec-student": run.student}
     return rows, dict.fromkeys(rows, "slmrec"), distillation_lines(run.distillation)
 

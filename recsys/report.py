@@ -9,7 +9,13 @@ A model that borrows from another run (``SequentialModel.borrows``: SLMRec the i
 of that model when it is listed before it. Recipes registered with ``recsys.run.register_recipe`` are listed like
 models and add their own rows and notes (``slmrec-distill``: SLMRec's teacher and distilled student,
 ``recsys.distill``; its settings are scoped, e.g. ``slmrec-distill.teacher_layers=8``,
-``slmrec-distill.student.lr=0.003``)."""
+``slmrec-distill.student.lr=0.003``).
+
+With several seeds (``--seeds 42 43 44``, ``make eval SEEDS="42 43 44"``) each model is trained once per seed and the
+table gives mean ± standard deviation; every model is compared with the best one (by mean validation NDCG@10) and
+with SASRec by a paired bootstrap over test users (``recsys.significance``), so the table says which differences
+are real. Coverage@10 and the popularity percentile of the top-10 stand beside accuracy, and the test figures
+with the other exclusion setting come from the same trained models."""
 
 from __future__ import annotations
 
@@ -23,31 +29,82 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
 from kernels.atomic import atomic_write_bytes  # noqa: E402
 from recsys import distributed  # noqa: E402
+from recsys.bundle import USER_RANKS  # noqa: E402
 from recsys.models import model_class  # noqa: E402
 from recsys.run import RECIPES, RunResult, model_settings, resolve_dataset, scoped_settings, train_run  # noqa: E402
+from recsys.significance import paired_bootstrap, per_user_metric  # noqa: E402
 import recsys.distill  # noqa: E402,F401  (registers the recipes listed beside models)
 
-COLUMNS = ("model", "hr@10", "ndcg@10", "mrr", "train_seconds", "seconds_per_epoch", "parameters", "epochs",
-           "best_epoch", "valid_ndcg@10", "coverage@10")
+SUMMARISED = ("hr@10", "ndcg@10", "mrr", "coverage@10", "popularity_percentile@10")
+COLUMNS = ("model", *SUMMARISED, "seeds", *[f"{m}_sd" for m in SUMMARISED], "other_exclusion",
+           "other_hr@10", "other_ndcg@10", "valid_ndcg@10", "train_seconds", "seconds_per_epoch", "parameters",
+           "epochs", "best_epoch")
+COMPARED = ("ndcg@10", "hr@10")
 
 
-def result_row(model: str, result: RunResult) -> dict:
-    m = result.metrics
-    return {
-        "model": model, "hr@10": m["test"]["hr@10"], "ndcg@10": m["test"]["ndcg@10"], "mrr": m["test"]["mrr"],
-        "train_seconds": m["train_seconds"], "seconds_per_epoch": m["seconds_per_epoch"],
-        "parameters": m["parameters"], "epochs": m["epochs"], "best_epoch": m["best_epoch"],
-        "valid_ndcg@10": m["valid"]["ndcg@10"], "coverage@10": m["test"]["coverage@10"],
-    }
+def mean_sd(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    array = np.asarray(values, dtype=np.float64)
+    return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else 0.0
+
+
+def result_row(model: str, runs: list[RunResult]) -> dict:
+    """One report row: the mean and spread over the model's seeds (one run per seed)."""
+    metrics = [r.metrics for r in runs]
+    other = next(k for k in metrics[0] if k.startswith("test_exclude_seen_"))
+    row = {"model": model, "seeds": len(runs), "other_exclusion": other.removeprefix("test_exclude_seen_")}
+    for m in SUMMARISED:
+        row[m], row[f"{m}_sd"] = mean_sd([x["test"].get(m, float("nan")) for x in metrics])
+    for m in ("hr@10", "ndcg@10"):
+        row[f"other_{m}"] = mean_sd([x[other][m] for x in metrics])[0]
+    for m in ("train_seconds", "seconds_per_epoch", "epochs", "best_epoch"):
+        row[m] = mean_sd([x[m] for x in metrics])[0]
+    row["valid_ndcg@10"] = mean_sd([x["valid"]["ndcg@10"] for x in metrics])[0]
+    row["parameters"] = metrics[0]["parameters"]
+    return row
+
+
+def per_user_means(runs: list[RunResult], metric: str) -> pd.Series | None:
+    """Each test user's ``metric`` averaged over the model's seeds (index user_idx); None without saved ranks."""
+    values = []
+    for run in runs:
+        path = run.bundle_dir / USER_RANKS
+        if not path.is_file():
+            return None
+        ranks = pd.read_parquet(path)
+        values.append(pd.Series(per_user_metric(ranks["rank"].to_numpy(), metric), index=ranks["user_idx"]))
+    return pd.concat(values, axis=1).mean(axis=1)
+
+
+def significance(runs: dict[str, list[RunResult]], references: list[str]) -> dict[str, dict[str, dict]]:
+    """row → reference → metric → ``PairedDifference`` of the row against each reference model."""
+    out: dict[str, dict[str, dict]] = {}
+    for metric in COMPARED:
+        users = {name: per_user_means(r, metric) for name, r in runs.items()}
+        for name in runs:
+            for ref in references:
+                if ref == name or users[name] is None or users[ref] is None:
+                    continue
+                a, b = users[name].align(users[ref], join="inner")
+                out.setdefault(name, {}).setdefault(ref, {})[metric] = paired_bootstrap(a.to_numpy(), b.to_numpy())
+    return out
+
+
+def fmt(mean: float, sd: float, seeds: int) -> str:
+    return f"{mean:.4f} ± {sd:.4f}" if seeds > 1 else f"{mean:.4f}"
 
 
 def write_markdown(
     path: Path, dataset: str, manifest: dict, rows: list[dict], exclude_seen: bool, champion: str,
-    notes: list[str] = (),
+    seeds: list, tests: dict, references: list[str], notes: list[str] = (),
 ) -> None:
     counts = manifest.get("counts", {})
+    other = "kept" if exclude_seen else "excluded"
     lines = [
         f"# Evaluation on `{dataset}`",
         "",
@@ -55,39 +112,59 @@ def write_markdown(
         f"{counts.get('items', '?')} items, {counts.get('interactions', '?')} interactions.",
         f"Protocol: {manifest.get('settings', {}).get('split', 'loo')} split, full ranking over the whole catalogue, "
         f"exclude_seen={'on' if exclude_seen else 'off'}; model selection by validation NDCG@10. "
-        f"Champion (registry alias `champion`): **{champion}**.",
+        f"Champion (registry alias `champion`): **{champion}** (the single run with the best validation NDCG@10).",
+        f"Seeds: {', '.join(str(s) for s in seeds)}" + (" (mean ± sample standard deviation over seeds)."
+                                                       if len(seeds) > 1 else "."),
         "",
-        "| model | HR@10 | NDCG@10 | MRR | train time (s) | s/epoch | parameters | epochs (best) |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| model | HR@10 | NDCG@10 | MRR | coverage@10 | popularity pct@10 | HR@10 / NDCG@10, history {other} | "
+        "train time (s) | s/epoch | parameters | epochs (best) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        n = r["seeds"]
         lines.append(
-            f"| {r['model']} | {r['hr@10']:.4f} | {r['ndcg@10']:.4f} | {r['mrr']:.4f} | {r['train_seconds']:.1f} | "
-            f"{r['seconds_per_epoch']:.2f} | {r['parameters']:,} | {r['epochs']} ({r['best_epoch']}) |"
+            f"| {r['model']} | {fmt(r['hr@10'], r['hr@10_sd'], n)} | {fmt(r['ndcg@10'], r['ndcg@10_sd'], n)} | "
+            f"{fmt(r['mrr'], r['mrr_sd'], n)} | {r['coverage@10']:.4f} | {r['popularity_percentile@10']:.1f} | "
+            f"{r['other_hr@10']:.4f} / {r['other_ndcg@10']:.4f} | {r['train_seconds']:.1f} | "
+            f"{r['seconds_per_epoch']:.2f} | {r['parameters']:,} | {r['epochs']:g} ({r['best_epoch']:g}) |"
         )
+    if tests:
+        lines += ["", "Paired bootstrap over test users (10,000 resamples; per-user metric averaged over seeds): "
+                  "difference of the row minus the reference, its 95% interval and two-sided p-value.", "",
+                  "| model | reference | ΔNDCG@10 [95% CI] | p | ΔHR@10 [95% CI] | p |", "|---|---|---|---|---|---|"]
+        for name in [r["model"] for r in rows]:
+            for ref in references:
+                found = tests.get(name, {}).get(ref)
+                if found:
+                    cells = [f"{d.mean:+.4f} [{d.low:+.4f}, {d.high:+.4f}] | {d.p_value:.4f}"
+                             for d in (found[m] for m in COMPARED)]
+                    lines.append(f"| {name} | {ref} | {' | '.join(cells)} |")
     lines += notes
     atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
 
 
-def write_figure(path: Path, dataset: str, results: dict[str, RunResult]) -> None:
+def write_figure(path: Path, dataset: str, runs: dict[str, list[RunResult]]) -> None:
     fig, (curves, bars) = plt.subplots(1, 2, figsize=(12, 4.5))
-    colour = {name: f"C{i % 10}" for i, name in enumerate(results)}  # one colour per model in every panel
-    for name, result in results.items():
-        history = [h for h in result.metrics["history"] if h["loss"] is not None]
-        if history:
-            curves.plot([h["epoch"] for h in history], [h["valid_ndcg@10"] for h in history], marker=".", label=name,
-                        color=colour[name])
-        else:
-            curves.axhline(result.metrics["valid"]["ndcg@10"], linestyle="--", label=f"{name} (no training)",
-                           color=colour[name])
+    colour = {name: f"C{i % 10}" for i, name in enumerate(runs)}  # one colour per model in every panel
+    for name, seeds in runs.items():
+        for i, result in enumerate(seeds):
+            label = name if i == 0 else None
+            history = [h for h in result.metrics["history"] if h["loss"] is not None]
+            if history:
+                curves.plot([h["epoch"] for h in history], [h["valid_ndcg@10"] for h in history], marker=".",
+                            label=label, color=colour[name], alpha=1.0 if i == 0 else 0.5)
+            else:
+                curves.axhline(result.metrics["valid"]["ndcg@10"], linestyle="--",
+                               label=label and f"{name} (no training)", color=colour[name])
     curves.set(title=f"{dataset}: validation NDCG@10 per epoch", xlabel="epoch", ylabel="NDCG@10")
     curves.legend()
     metrics = ("hr@10", "ndcg@10", "mrr")
-    width = 0.8 / max(len(results), 1)
-    for i, (name, result) in enumerate(results.items()):
-        bars.bar([j + i * width for j in range(len(metrics))], [result.metrics["test"][m] for m in metrics],
-                 width=width, label=name, color=colour[name])
-    bars.set_xticks([j + width * (len(results) - 1) / 2 for j in range(len(metrics))], [m.upper() for m in metrics])
+    width = 0.8 / max(len(runs), 1)
+    for i, (name, seeds) in enumerate(runs.items()):
+        stats = [mean_sd([r.metrics["test"][m] for r in seeds]) for m in metrics]
+        bars.bar([j + i * width for j in range(len(metrics))], [s[0] for s in stats], width=width, label=name,
+                 color=colour[name], yerr=[s[1] for s in stats] if len(seeds) > 1 else None, capsize=3)
+    bars.set_xticks([j + width * (len(runs) - 1) / 2 for j in range(len(metrics))], [m.upper() for m in metrics])
     bars.set(title=f"{dataset}: test metrics (full ranking)")
     bars.legend()
     fig.tight_layout()
@@ -108,52 +185,63 @@ def settings_by_model(models: list[str], overrides: dict) -> dict[str, dict]:
 
 
 def run_report(dataset: str, models: list[str], *, raw_dir=None, data_root=None, engine=None, epochs: int | None = None,
-               overrides: dict | None = None, seed: int | None = None, out_root: Path = Path("reports"),
-               track: bool = True, resume: bool = False) -> Path:
-    """Train and evaluate each of ``models`` and write the report. Under torchrun every rank trains and
-    evaluates; rank 0 alone sets the champion and writes the report. ``resume`` continues each model's run from
-    its checkpoint where one is left (a restarted job)."""
+               overrides: dict | None = None, seed: int | None = None, seeds: list[int] | None = None,
+               out_root: Path = Path("reports"), track: bool = True, resume: bool = False) -> Path:
+    """Train and evaluate each of ``models`` once per seed (``seeds``, else ``seed``) and write the report. Under
+    torchrun every rank trains and evaluates; rank 0 alone sets the champion and writes the report. ``resume``
+    reuses each run that finished with the same settings and continues each one left with a checkpoint."""
     ds = resolve_dataset(dataset, raw_dir=raw_dir, data_root=data_root, engine=engine)
     settings = settings_by_model(models, overrides or {})
-    results: dict[str, RunResult] = {}
-    registered: dict[str, str] = {}  # report row → the registry model its version belongs to
+    seeds = list(seeds) if seeds else [seed]
+    runs: dict[str, list[RunResult]] = {}  # report row → one run per seed
+    registered: dict[str, str] = {}  # report row → the registry model its versions belong to
     notes: list[str] = []
-    for name in models:
-        if distributed.is_main():
-            print(f"== training {name} on {dataset}", file=sys.stderr)
-        own = settings[name]
-        if name in RECIPES:
-            runs, registry, lines = RECIPES[name].run(ds, own, results, epochs=epochs, seed=seed, track=track,
-                                                      resume=resume)
-            results.update(runs)
-            registered.update(registry)
-            notes += lines
-            continue
-        for spec in model_class(name).borrows.values():
-            # e.g. SLMRec borrows the item table of the SASRec trained just before it (model-specs §6)
-            if spec.provider in results and spec.field not in own:
-                own[spec.field] = str(results[spec.provider].bundle_dir.resolve())
-        results[name] = train_run(name, ds, epochs=epochs, overrides=own, seed=seed,
-                                  out_dir=Path("runs") / ds.manifest["name"] / name, track=track, resume=resume)
-        registered[name] = name
-    rows = [result_row(name, r) for name, r in results.items()]
+    for s in seeds:
+        results: dict[str, RunResult] = {}  # this seed's runs, which later models may borrow from
+        for name in models:
+            if distributed.is_main():
+                print(f"== training {name} on {dataset}" + (f", seed {s}" if len(seeds) > 1 else ""), file=sys.stderr)
+            own = dict(settings[name])
+            out_dir = Path("runs") / ds.manifest["name"] / name / (f"seed-{s}" if len(seeds) > 1 else "")
+            if name in RECIPES:
+                rows, registry, lines = RECIPES[name].run(ds, own, results, epochs=epochs, seed=s, track=track,
+                                                          resume=resume, out_root=out_dir)
+                results.update(rows)
+                registered.update(registry)
+                notes += [f"{line} (seed {s})" if line and len(seeds) > 1 else line for line in lines]
+                continue
+            for spec in model_class(name).borrows.values():
+                # e.g. SLMRec borrows the item table of the SASRec trained just before it (model-specs §6)
+                if spec.provider in results and spec.field not in own:
+                    own[spec.field] = str(results[spec.provider].bundle_dir.resolve())
+            results[name] = train_run(name, ds, epochs=epochs, overrides=own, seed=s, out_dir=out_dir, track=track,
+                                      resume=resume)
+            registered[name] = name
+        for row, result in results.items():
+            runs.setdefault(row, []).append(result)
+    rows = [result_row(name, r) for name, r in runs.items()]
+    best = max(rows, key=lambda r: r["valid_ndcg@10"])["model"]  # by mean validation NDCG@10, never test
+    references = [best] + [m for m in ("sasrec",) if m in runs and m != best]
+    tests = significance(runs, references)
 
     def write() -> Path:
-        champion = max(rows, key=lambda r: r["valid_ndcg@10"])["model"]
-        if track:
+        champion, run = max(((name, r) for name, seeds_ in runs.items() for r in seeds_),
+                            key=lambda pair: pair[1].metrics["valid"]["ndcg@10"])
+        if track and run.model_version is not None:
             from recsys.tracking import set_champion
 
-            set_champion(registered[champion], results[champion].model_version, sorted(set(registered.values())))
+            set_champion(registered[champion], run.model_version, sorted(set(registered.values())))
         out_dir = out_root / ds.manifest["name"]
         out_dir.mkdir(parents=True, exist_ok=True)
-        exclude_seen = next(iter(results.values())).metrics["exclude_seen"]
-        write_markdown(out_dir / "eval.md", ds.manifest["name"], ds.manifest, rows, exclude_seen, champion, notes)
+        exclude_seen = next(iter(runs.values()))[0].metrics["exclude_seen"]
+        write_markdown(out_dir / "eval.md", ds.manifest["name"], ds.manifest, rows, exclude_seen, champion, seeds,
+                       tests, references, notes)
         table = io.StringIO()
         writer = csv.DictWriter(table, fieldnames=COLUMNS, lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
         atomic_write_bytes(out_dir / "eval.csv", table.getvalue().encode())
-        write_figure(out_dir / "eval.png", ds.manifest["name"], results)
+        write_figure(out_dir / "eval.png", ds.manifest["name"], runs)
         return out_dir
 
     return distributed.on_main(write)

@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import pandas as pd
 
+from kernels.atomic import atomic_write_bytes
 from pipelines.build import Engine, build_dataset
 from pipelines.cli import parse_settings as parse_overrides  # noqa: F401  (one parser for --set)
 from pipelines.dataset import ProcessedDataset, load_dataset
@@ -128,6 +129,29 @@ def resolve_dataset(dataset: str | Path | ProcessedDataset, *, raw_dir=None, dat
     return load_dataset(build_dataset(str(dataset), raw_dir, data_root=data_root, engine=engine))
 
 
+REGISTRY_RECORD = "registry.json"  # beside a bundle: the registry version and MLflow run it was logged as
+
+
+def finished_run(out_dir: Path, model_name: str, model_config: dict, run_config: dict) -> RunResult | None:
+    """The run already finished at ``out_dir`` with these settings (the dataset by content, ``max_minutes`` aside:
+    it never changes what an epoch computes), or None: ``--resume`` reuses it instead of training again."""
+    try:
+        config = json.loads((out_dir / "config.json").read_text())
+        metrics = json.loads((out_dir / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None
+    budget = lambda c: {k: v for k, v in c.items() if k != "max_minutes"}  # noqa: E731
+    same = (config.get("model") == model_name and config.get("model_config") == model_config
+            and budget(config.get("train_config", {})) == budget(run_config["train_config"])
+            and all(config.get("dataset", {}).get(k) == run_config["dataset"][k] for k in ("content_hash", "split"))
+            and config.get("exclude_seen") == run_config["exclude_seen"])
+    if not same or metrics.get("stopped_because") == "time budget" or not (out_dir / "weights.safetensors").is_file():
+        return None
+    record = out_dir / REGISTRY_RECORD
+    registry = json.loads(record.read_text()) if record.is_file() else {}
+    return RunResult(out_dir, metrics, registry.get("version"), registry.get("run_id"))
+
+
 def train_run(
     model_name: str,
     dataset: str | ProcessedDataset,
@@ -184,6 +208,9 @@ def train_run(
     resumable = {**run_config, "train_config": {k: v for k, v in run_config["train_config"].items()
                                                 if k != "max_minutes"}}
     key = fingerprint(model_name, model.config.model_dump(mode="json"), resumable)
+    if resume and (done := finished_run(out_dir, model_name, model.config.model_dump(mode="json"), run_config)):
+        print(f"{out_dir}: reusing the finished run with these settings", file=sys.stderr)
+        return done
     checkpoint_dir = out_dir.with_name(out_dir.name + ".checkpoints")
     tracker = None
     if track and distributed.is_main():
@@ -229,6 +256,9 @@ def train_run(
         def publish() -> str | None:
             save_bundle(out_dir, model.cpu(), run_config, ds.items, metrics, user_ranks)
             version = log.finish(out_dir, model_name, metrics, extra)
+            if version is not None:  # so a report that reuses this run can still point the champion alias at it
+                atomic_write_bytes(out_dir / REGISTRY_RECORD, json.dumps({"version": version,
+                                                                         "run_id": log.run_id}).encode())
             if finished:
                 trainer.remove_checkpoint()  # a finished run needs no resume point
             else:

@@ -121,6 +121,33 @@ def test_report_writes_table_csv_figure_and_sets_champion(small_dataset, tmp_pat
         assert len(service.post("/v1/recommend", json={"history": ["1", "2"], "k": 5}).json()["items"]) == 5
 
 
+def test_report_over_seeds_gives_mean_sd_significance_and_reuses_finished_runs(small_dataset, tmp_path, capsys,
+                                                                                monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["report", "--dataset", str(small_dataset), "--models", "pop", "sasrec", "--epochs", "2", "--seeds", "1",
+            "2", "--set", "hidden_size=16", "--set", "lr=0.005"]
+    assert main(args) == 0
+    name = json.loads((small_dataset / "manifest.json").read_text())["name"]
+    table = (tmp_path / "reports" / name / "eval.md").read_text()
+    assert "Seeds: 1, 2 (mean ± sample standard deviation over seeds)." in table
+    assert "| sasrec | " in table and " ± " in table
+    # every model against the best one by validation (sasrec here) and against SASRec: pop vs sasrec is a row
+    assert "| pop | sasrec | " in table and "Paired bootstrap over test users" in table
+    import pandas as pd
+
+    rows = pd.read_csv(tmp_path / "reports" / name / "eval.csv").set_index("model")
+    assert rows.loc["sasrec", "seeds"] == 2 and rows.loc["sasrec", "ndcg@10_sd"] > 0
+    assert 0 < rows.loc["pop", "popularity_percentile@10"] <= 100 and rows.loc["pop", "other_exclusion"] == "off"
+    seed_runs = [tmp_path / "runs" / name / "sasrec" / f"seed-{s}" for s in (1, 2)]
+    weights = [load_file(str(run / "weights.safetensors")) for run in seed_runs]
+    assert all((run / "test_ranks.parquet").is_file() for run in seed_runs)
+    assert any((weights[0][k] != weights[1][k]).any() for k in weights[0])  # the seeds trained different models
+    capsys.readouterr()
+    assert main([*args, "--resume"]) == 0  # nothing left to train: the four finished runs are reused
+    assert capsys.readouterr().err.count("reusing the finished run") == 4
+    assert (tmp_path / "reports" / name / "eval.md").read_text() == table
+
+
 def test_unknown_setting_is_a_clear_error(small_dataset, capsys):
     assert main(["train", "--model", "sasrec", "--dataset", str(small_dataset), "--set", "hiden_size=3",
                  "--no-track"]) == 2
