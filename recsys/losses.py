@@ -278,6 +278,51 @@ class BlockDistillation:
         return total
 
 
+class EnsembleReasoning:
+    """ReaRec's ERL (Tang et al. 2025, §3.3.1; recsys/reasoning.py): cross-entropy of the mean reasoning state,
+    minus λ × the mean over step pairs i ≠ j of KL(p_j ‖ p_i) with p_i held fixed (a diversity reward, as in the
+    authors' code). ``states`` (B, K+1, d), ``targets`` (B,) in 1..V, ``table`` (V+1, d)."""
+
+    def __init__(self, temperature: float, kl_weight: float):
+        self.temperature, self.kl_weight = temperature, kl_weight
+
+    def __call__(self, states, targets, table, other=None) -> torch.Tensor:
+        items = table[1:]
+        loss = F.cross_entropy(states.mean(dim=1) @ items.T / self.temperature, targets - 1)
+        steps = states.shape[1]
+        if not self.kl_weight or steps < 2:
+            return loss
+        logits = states @ items.T / self.temperature  # (B, K+1, V)
+        p, fixed_log_p = logits.softmax(-1), logits.detach().log_softmax(-1)
+        kl = (p[:, None] * (p[:, None].clamp_min(1e-30).log() - fixed_log_p[:, :, None])).sum(-1)  # [b, i, j]
+        off_diagonal = ~torch.eye(steps, dtype=torch.bool, device=states.device)
+        return loss - self.kl_weight * kl[:, off_diagonal].mean()
+
+
+class ProgressiveReasoning:
+    """ReaRec's PRL (Tang et al. 2025, §3.3.2): the last state's cross-entropy at temperature τ plus the mean of
+    the earlier states' at τ·s^(K−k), and with a second noisy pass ``other`` an InfoNCE between the two passes'
+    states h₁..h_K over the batch (temperature τ), weighted by ``contrast_weight``."""
+
+    def __init__(self, temperature: float, temperature_scale: float, contrast_weight: float):
+        self.temperature, self.scale, self.contrast_weight = temperature, temperature_scale, contrast_weight
+
+    def __call__(self, states, targets, table, other=None) -> torch.Tensor:
+        items = table[1:]
+        labels = targets - 1
+        steps = states.shape[1] - 1
+        loss = F.cross_entropy(states[:, -1] @ items.T / self.temperature, labels)
+        if steps:
+            temperatures = self.temperature * self.scale ** torch.arange(steps, 0, -1, device=states.device)
+            earlier = states[:, :-1] @ items.T / temperatures[None, :, None]  # (B, K, V)
+            loss = loss + F.cross_entropy(earlier.flatten(0, 1), labels.repeat_interleave(steps))
+        if other is not None and steps and self.contrast_weight:
+            similarity = torch.einsum("btd,ktd->tbk", other[:, 1:], states[:, 1:]) / self.temperature  # (K, B, B)
+            rows = torch.arange(len(states), device=states.device).repeat(steps)
+            loss = loss + self.contrast_weight * F.cross_entropy(similarity.flatten(0, 1), rows)
+        return loss
+
+
 class LossSettings(BaseModel):
     """The loss fields of every model config whose model builds its loss with ``build_loss`` (mixed into
     SASRec's, GRU4Rec's, Mamba4Rec's and TiM4Rec's configs)."""

@@ -16,10 +16,11 @@ from torch import nn
 
 from recsys.losses import LossSettings, build_loss
 from recsys.models.base import ModelConfig, SequentialModel, register
+from recsys.reasoning import Reasoning, ReasoningSettings
 from recsys.nn import Backend, ItemEmbedding, MambaBlock, MixerLayer, normal_init
 
 
-class Mamba4RecConfig(LossSettings, ModelConfig):
+class MambaConfig(LossSettings, ModelConfig):
     # defaults: model-specs §4 (chengkai-liu/Mamba4Rec config.yaml); max_len 50 as on Amazon
     hidden_size: int = 64
     num_layers: int = 1
@@ -34,7 +35,7 @@ class Mamba4RecConfig(LossSettings, ModelConfig):
 class MambaSequenceModel(SequentialModel):
     """The embedding, layer stack and tied head that Mamba4Rec and SIGMA share; subclasses build ``mixer()``."""
 
-    def __init__(self, config: Mamba4RecConfig, num_items: int):
+    def __init__(self, config: MambaConfig, num_items: int):
         super().__init__(config, num_items)
         d = config.hidden_size
         self.item_embedding = ItemEmbedding(num_items, d)
@@ -45,6 +46,8 @@ class MambaSequenceModel(SequentialModel):
             for _ in range(config.num_layers)
         )
         self.loss_fn = build_loss(config)
+        if isinstance(self, Reasoning):
+            self.setup_reasoning(d)
         # Mamba4Rec's init, except that the Mamba-specific Δ projection keeps Mamba's own (the reference's
         # ``self.apply`` zeroes its bias, starting every channel at Δ = softplus(0) ≈ 0.69)
         normal_init(self, std=0.02, skip=tuple(m.dt_proj for m in self.modules() if isinstance(m, MambaBlock)))
@@ -57,18 +60,28 @@ class MambaSequenceModel(SequentialModel):
     def mixer(self) -> nn.Module:
         raise NotImplementedError
 
-    def sequence_states(self, batch) -> torch.Tensor:
-        """H (B, T, d) for a left-padded batch, zero at pads."""
-        pad_mask = batch.items != 0
-        x = self.embedding_norm(self.embedding_dropout(self.item_embedding(batch.items)))
+    def embed(self, batch):
+        """LN(Drop(E[s])) (B, T, d) and the pad mask."""
+        return self.embedding_norm(self.embedding_dropout(self.item_embedding(batch.items))), batch.items == 0
+
+    def encode_embedded(self, x, padding) -> torch.Tensor:
+        """H (B, T, d) for left-padded inputs, zero at pads."""
         for layer in self.layers:
-            x = layer(x, pad_mask)
-        return x.masked_fill(~pad_mask[..., None], 0.0)
+            x = layer(x, ~padding)
+        return x.masked_fill(padding[..., None], 0.0)
+
+    def sequence_states(self, batch) -> torch.Tensor:
+        return self.encode_embedded(*self.embed(batch))
+
+
+class Mamba4RecConfig(ReasoningSettings, MambaConfig):
+    pass
 
 
 @register
-class Mamba4Rec(MambaSequenceModel):
-    """Mamba4Rec (Liu et al. 2024, §3): causal, trained at every position."""
+class Mamba4Rec(Reasoning, MambaSequenceModel):
+    """Mamba4Rec (Liu et al. 2024, §3): causal, trained at every position; ``reasoning_steps=K`` adds ReaRec's
+    implicit reasoning steps (``recsys.reasoning``)."""
 
     name = "mamba4rec"
     Config = Mamba4RecConfig

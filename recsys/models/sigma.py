@@ -34,7 +34,7 @@ from pydantic import Field
 from torch import nn
 
 from recsys.models.base import register
-from recsys.models.mamba4rec import Mamba4RecConfig, MambaSequenceModel
+from recsys.models.mamba4rec import MambaConfig, MambaSequenceModel
 from recsys.nn import MambaBlock
 from recsys.supervision import LastPosition
 
@@ -60,7 +60,7 @@ def partial_flip(x: torch.Tensor, pad_mask: torch.Tensor, keep: int) -> torch.Te
     return x.gather(1, index[..., None].expand_as(x))
 
 
-class SIGMAConfig(Mamba4RecConfig):
+class SIGMAConfig(MambaConfig):
     flip_keep: int = Field(5, ge=0)  # r: the last r items stay in order in the flipped stream
     gate_variant: Literal["code", "symmetric"] = "code"
     prefix_fraction: float = Field(1.0, gt=0.0, le=1.0)  # share of the prefix cut points trained on per epoch

@@ -52,7 +52,9 @@ def test_kernel_backends_give_the_reference_outputs_and_gradients(name):
 
 
 # model variants whose padding handling differs from the defaults
-VARIANTS = {"sigma": [{"gate_variant": "symmetric"}], "gru4rec": [{"output_projection": False}]}
+VARIANTS = {"sigma": [{"gate_variant": "symmetric"}], "gru4rec": [{"output_projection": False}],
+            "sasrec": [{"layer": "ligr"}, {"reasoning_steps": 2}], "mamba4rec": [{"reasoning_steps": 2,
+                                                                                  "reasoning": "prl"}]}
 
 
 @pytest.mark.parametrize("name,extra", [(n, e) for n in trainable_models() for e in [{}, *VARIANTS.get(n, [])]])
@@ -74,15 +76,19 @@ def test_padding_never_changes_a_score(name, extra):
     torch.testing.assert_close(alone[0], tight[1], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", trainable_models())
-def test_learns_a_successor_pattern(name):
+REASONING = [("sasrec", {"reasoning_steps": 2}), ("sasrec", {"reasoning_steps": 2, "reasoning": "prl"}),
+             ("mamba4rec", {"reasoning_steps": 2, "reasoning": "prl"}), ("mamba4rec", {"reasoning_steps": 2})]
+
+
+@pytest.mark.parametrize("name,extra", [(n, {}) for n in trainable_models()] + REASONING)
+def test_learns_a_successor_pattern(name, extra):
     """Item i is always followed by i+1 (cyclically): after a few epochs the next item is ranked first."""
     rng = np.random.default_rng(0)
     rows = [(np.arange(start, start + 8) % NUM_ITEMS) + 1 for start in rng.integers(0, NUM_ITEMS, 200)]
     train = Jagged.from_lengths(np.full(len(rows), 8), np.concatenate(rows), np.tile(np.arange(8) * 60, len(rows)))
     torch.manual_seed(0)
-    model = build_model(name, NUM_ITEMS, {**TINY, "dropout": 0.0} if "dropout" in MODELS[name].Config.model_fields
-                        else TINY)
+    model = build_model(name, NUM_ITEMS, {**TINY, "dropout": 0.0, **extra}
+                        if "dropout" in MODELS[name].Config.model_fields else TINY)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     batches = model.train_batches(np.arange(len(rows)), train, 64)
     for epoch in range(LEARNING_EPOCHS.get(name, 12)):
