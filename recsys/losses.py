@@ -323,6 +323,41 @@ class ProgressiveReasoning:
         return loss
 
 
+def info_nce(a: torch.Tensor, b: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
+    """SimCLR's NT-Xent over the 2N states [a; b] (Chen et al. 2020, Eq. 1): row i's positive is its pair, the
+    other rows are negatives except those with the same ``labels`` (false negatives, masked; Qin et al. 2024
+    §4.4), dot-product similarity at ``temperature``."""
+    z = torch.cat([a, b])
+    n = len(a)
+    similarity = z @ z.T / temperature
+    pair = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
+    positive = similarity[torch.arange(2 * n, device=z.device), pair]
+    both = torch.cat([labels, labels])
+    negatives = similarity.masked_fill(both[:, None] == both[None, :], float("-inf"))
+    return F.cross_entropy(torch.cat([positive[:, None], negatives], dim=1),
+                           torch.zeros(2 * n, dtype=torch.long, device=z.device))
+
+
+class IntentContrastiveLoss:
+    """ICSRec's auxiliary terms (Qin et al., WSDM 2024, §4.2-4.3; recsys/intents.py): λ × the coarse-grain InfoNCE
+    between states h₁, h₂ of prefixes with the same next item (same-target pairs masked), plus β × the fine-grain
+    InfoNCE of each state against its nearest k-means centroid (same-intent pairs masked)."""
+
+    def __init__(self, coarse_weight: float, fine_weight: float, temperature: float):
+        self.coarse_weight, self.fine_weight, self.temperature = coarse_weight, fine_weight, temperature
+
+    def __call__(self, h1, h2, targets, centroids=None) -> torch.Tensor:
+        loss = h1.new_zeros(())
+        if self.coarse_weight:
+            loss = loss + self.coarse_weight * info_nce(h1, h2, targets, self.temperature)
+        if self.fine_weight and centroids is not None:
+            centroids = centroids.to(h1.device, h1.dtype)
+            for h in (h1, h2):
+                intent = torch.cdist(h.detach(), centroids).argmin(dim=1)
+                loss = loss + self.fine_weight * info_nce(h, centroids[intent], intent, self.temperature)
+        return loss
+
+
 class LossSettings(BaseModel):
     """The loss fields of every model config whose model builds its loss with ``build_loss`` (mixed into
     SASRec's, GRU4Rec's, Mamba4Rec's and TiM4Rec's configs)."""

@@ -236,6 +236,7 @@ class Trainer:
             epoch_start = time.perf_counter()
             for group in optimizer.param_groups:
                 group["lr"] = epoch_learning_rate(cfg, epoch)
+            model.start_epoch(epoch)
             loss = self._train_epoch(step_module, optimizer, batches, epoch)
             train_time = time.perf_counter() - epoch_start
             valid = self._evaluate(model, valid_set, num_items, exclude_seen)

@@ -119,6 +119,9 @@ class SequentialModel(nn.Module):
 
             loss_fn.prepare(training_target_counts(train, self.num_items))
 
+    def start_epoch(self, epoch: int) -> None:
+        """Called by ``Trainer.fit`` before each training epoch (ICSRec re-clusters its intents here)."""
+
     def train_batches(self, users: np.ndarray, train: Jagged, batch_size: int):
         """The training batches this model learns from: an object with ``epoch(rng)`` yielding SequenceBatches
         and ``__len__``, as ``self.supervision`` decides."""

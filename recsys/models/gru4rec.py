@@ -19,12 +19,13 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from recsys.intents import IntentContrast, IntentSettings
 from recsys.losses import LossSettings, build_loss
 from recsys.models.base import ModelConfig, SequentialModel, register
 from recsys.nn import ItemEmbedding, zero_padding_rows
 
 
-class GRU4RecConfig(LossSettings, ModelConfig):
+class GRU4RecConfig(IntentSettings, LossSettings, ModelConfig):
     hidden_size: int = 64
     num_layers: int = 1
     dropout: float = 0.2
@@ -39,7 +40,7 @@ def left_to_right_index(padding: torch.Tensor) -> torch.Tensor:
 
 
 @register
-class GRU4Rec(SequentialModel):
+class GRU4Rec(IntentContrast, SequentialModel):
     name = "gru4rec"
     Config = GRU4RecConfig
 
@@ -52,6 +53,7 @@ class GRU4Rec(SequentialModel):
         self.output_dropout = nn.Dropout(config.dropout)
         self.projection = nn.Linear(d, d) if config.output_projection else nn.Identity()
         self.loss_fn = build_loss(config)
+        self.setup_intents()
         nn.init.normal_(self.item_embedding.weight, std=0.02)
         zero_padding_rows(self)
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from recsys.losses import LossSettings, build_loss
 from recsys.models.base import ModelConfig, SequentialModel, register
+from recsys.intents import IntentContrast, IntentSettings
 from recsys.reasoning import Reasoning, ReasoningSettings
 from recsys.nn import Backend, ItemEmbedding, MambaBlock, MixerLayer, normal_init
 
@@ -48,6 +49,8 @@ class MambaSequenceModel(SequentialModel):
         self.loss_fn = build_loss(config)
         if isinstance(self, Reasoning):
             self.setup_reasoning(d)
+        if isinstance(self, IntentContrast):
+            self.setup_intents()
         # Mamba4Rec's init, except that the Mamba-specific Δ projection keeps Mamba's own (the reference's
         # ``self.apply`` zeroes its bias, starting every channel at Δ = softplus(0) ≈ 0.69)
         normal_init(self, std=0.02, skip=tuple(m.dt_proj for m in self.modules() if isinstance(m, MambaBlock)))
@@ -74,14 +77,14 @@ class MambaSequenceModel(SequentialModel):
         return self.encode_embedded(*self.embed(batch))
 
 
-class Mamba4RecConfig(ReasoningSettings, MambaConfig):
+class Mamba4RecConfig(ReasoningSettings, IntentSettings, MambaConfig):
     pass
 
 
 @register
-class Mamba4Rec(Reasoning, MambaSequenceModel):
+class Mamba4Rec(Reasoning, IntentContrast, MambaSequenceModel):
     """Mamba4Rec (Liu et al. 2024, §3): causal, trained at every position; ``reasoning_steps=K`` adds ReaRec's
-    implicit reasoning steps (``recsys.reasoning``)."""
+    implicit reasoning steps (``recsys.reasoning``), the intent weights ICSRec's losses (``recsys.intents``)."""
 
     name = "mamba4rec"
     Config = Mamba4RecConfig

@@ -7,7 +7,8 @@ so the last item always has position ``max_len`` whether a batch is padded to 12
 
 ``layer="ligr"`` swaps the blocks for LiGR's gated pre-norm layers (``recsys.nn.GatedTransformerLayer``): with
 ``loss=sampled_softmax`` (logQ-corrected) that is eSASRec (Tikhonovich et al., RecSys 2025).
-``reasoning_steps=K`` adds ReaRec's implicit reasoning steps (``recsys.reasoning``).
+``reasoning_steps=K`` adds ReaRec's implicit reasoning steps (``recsys.reasoning``); ``intent_coarse_weight`` and
+``intent_fine_weight`` add ICSRec's intent contrastive losses (``recsys.intents``).
 """
 
 from __future__ import annotations
@@ -20,12 +21,13 @@ from torch import nn
 
 from recsys.losses import LossSettings, build_loss
 from recsys.models.base import ModelConfig, SequentialModel, register
+from recsys.intents import IntentContrast, IntentSettings
 from recsys.reasoning import Reasoning, ReasoningSettings
 from recsys.nn import (FeedForward, GatedTransformerLayer, ItemEmbedding, MultiHeadSelfAttention, PositionEmbedding,
                        xavier_init)
 
 
-class SASRecConfig(ReasoningSettings, LossSettings, ModelConfig):
+class SASRecConfig(ReasoningSettings, IntentSettings, LossSettings, ModelConfig):
     hidden_size: int = 64
     num_blocks: int = 2
     num_heads: int = 1
@@ -50,7 +52,7 @@ class SASRecBlock(nn.Module):
 
 
 @register
-class SASRec(Reasoning, SequentialModel):
+class SASRec(Reasoning, IntentContrast, SequentialModel):
     name = "sasrec"
     Config = SASRecConfig
 
@@ -65,6 +67,7 @@ class SASRec(Reasoning, SequentialModel):
         self.final_norm = nn.LayerNorm(d, eps=1e-8)
         self.loss_fn = build_loss(config)
         self.setup_reasoning(d)
+        self.setup_intents()
         xavier_init(self)  # the reference implementation's init
 
     def embed(self, batch):

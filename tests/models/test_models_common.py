@@ -76,11 +76,13 @@ def test_padding_never_changes_a_score(name, extra):
     torch.testing.assert_close(alone[0], tight[1], rtol=1e-4, atol=1e-5)
 
 
-REASONING = [("sasrec", {"reasoning_steps": 2}), ("sasrec", {"reasoning_steps": 2, "reasoning": "prl"}),
-             ("mamba4rec", {"reasoning_steps": 2, "reasoning": "prl"}), ("mamba4rec", {"reasoning_steps": 2})]
+OPTIONS = [("sasrec", {"reasoning_steps": 2}), ("sasrec", {"reasoning_steps": 2, "reasoning": "prl"}),
+           ("mamba4rec", {"reasoning_steps": 2, "reasoning": "prl"}), ("mamba4rec", {"reasoning_steps": 2}),
+           ("sasrec", {"intent_coarse_weight": 0.3, "intent_fine_weight": 0.1, "intents": 8}),
+           ("gru4rec", {"intent_coarse_weight": 0.3, "intent_fine_weight": 0.1, "intents": 8})]
 
 
-@pytest.mark.parametrize("name,extra", [(n, {}) for n in trainable_models()] + REASONING)
+@pytest.mark.parametrize("name,extra", [(n, {}) for n in trainable_models()] + OPTIONS)
 def test_learns_a_successor_pattern(name, extra):
     """Item i is always followed by i+1 (cyclically): after a few epochs the next item is ranked first."""
     rng = np.random.default_rng(0)
@@ -90,8 +92,10 @@ def test_learns_a_successor_pattern(name, extra):
     model = build_model(name, NUM_ITEMS, {**TINY, "dropout": 0.0, **extra}
                         if "dropout" in MODELS[name].Config.model_fields else TINY)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.prepare_training(train)  # as Trainer.fit does
     batches = model.train_batches(np.arange(len(rows)), train, 64)
     for epoch in range(LEARNING_EPOCHS.get(name, 12)):
+        model.start_epoch(epoch)
         model.train()
         for batch in batches.epoch(np.random.default_rng(epoch)):
             optimizer.zero_grad()
