@@ -3,7 +3,8 @@ log everything to MLflow and point the registry alias ``champion`` at the best m
 test figures never choose anything).
 
 Settings (``--set``): a plain ``key=value`` goes to every listed model that has the key; ``model.key=value`` to that
-model only (e.g. ``sasrec.hidden_size=64``).
+model only (e.g. ``sasrec.hidden_size=64``). ``row=model`` lists a variant of a model under its own row (e.g.
+``--models sasrec esasrec=sasrec --set esasrec.layer=ligr --set esasrec.loss=sampled_softmax``).
 
 A model that borrows from another run (``SequentialModel.borrows``: SLMRec the item table of SASRec) gets the bundle
 of that model when it is listed before it. Recipes registered with ``recsys.run.register_recipe`` are listed like
@@ -174,14 +175,21 @@ def write_figure(path: Path, dataset: str, runs: dict[str, list[RunResult]]) -> 
     atomic_write_bytes(path, image.getvalue())
 
 
+def row_model(entry: str) -> tuple[str, str]:
+    """A ``--models`` entry: ``model``, or ``row=model`` for a variant of a model under its own row name (e.g.
+    ``esasrec=sasrec`` with ``--set esasrec.layer=ligr``)."""
+    row, _, model = entry.partition("=")
+    return (row, model or row)
+
+
 def accepted_settings(name: str) -> set[str]:
     """The keys a listed model (or recipe) takes."""
     return RECIPES[name].settings() if name in RECIPES else model_settings(name)
 
 
 def settings_by_model(models: list[str], overrides: dict) -> dict[str, dict]:
-    """Each listed model's settings: the plain keys it accepts, then its scoped ``model.key`` ones (which win)."""
-    return scoped_settings(overrides, {name: accepted_settings(name) for name in models})
+    """Each listed row's settings: the plain keys its model accepts, then its scoped ``row.key`` ones (which win)."""
+    return scoped_settings(overrides, {row: accepted_settings(model) for row, model in map(row_model, models)})
 
 
 def run_report(dataset: str, models: list[str], *, raw_dir=None, data_root=None, engine=None, epochs: int | None = None,
@@ -192,31 +200,32 @@ def run_report(dataset: str, models: list[str], *, raw_dir=None, data_root=None,
     reuses each run that finished with the same settings and continues each one left with a checkpoint."""
     ds = resolve_dataset(dataset, raw_dir=raw_dir, data_root=data_root, engine=engine)
     settings = settings_by_model(models, overrides or {})
+    by_seed = bool(seeds)  # runs/<dataset>/<row>/seed-<S> whenever seeds are listed
     seeds = list(seeds) if seeds else [seed]
     runs: dict[str, list[RunResult]] = {}  # report row → one run per seed
     registered: dict[str, str] = {}  # report row → the registry model its versions belong to
     notes: list[str] = []
     for s in seeds:
         results: dict[str, RunResult] = {}  # this seed's runs, which later models may borrow from
-        for name in models:
+        for name, model in map(row_model, models):
             if distributed.is_main():
-                print(f"== training {name} on {dataset}" + (f", seed {s}" if len(seeds) > 1 else ""), file=sys.stderr)
+                print(f"== training {name} on {dataset}" + (f", seed {s}" if by_seed else ""), file=sys.stderr)
             own = dict(settings[name])
-            out_dir = Path("runs") / ds.manifest["name"] / name / (f"seed-{s}" if len(seeds) > 1 else "")
-            if name in RECIPES:
-                rows, registry, lines = RECIPES[name].run(ds, own, results, epochs=epochs, seed=s, track=track,
-                                                          resume=resume, out_root=out_dir)
+            out_dir = Path("runs") / ds.manifest["name"] / name / (f"seed-{s}" if by_seed else "")
+            if model in RECIPES:
+                rows, registry, lines = RECIPES[model].run(ds, own, results, epochs=epochs, seed=s, track=track,
+                                                           resume=resume, out_root=out_dir)
                 results.update(rows)
                 registered.update(registry)
-                notes += [f"{line} (seed {s})" if line and len(seeds) > 1 else line for line in lines]
+                notes += [f"{line} (seed {s})" if line and by_seed else line for line in lines]
                 continue
-            for spec in model_class(name).borrows.values():
+            for spec in model_class(model).borrows.values():
                 # e.g. SLMRec borrows the item table of the SASRec trained just before it (model-specs §6)
                 if spec.provider in results and spec.field not in own:
                     own[spec.field] = str(results[spec.provider].bundle_dir.resolve())
-            results[name] = train_run(name, ds, epochs=epochs, overrides=own, seed=s, out_dir=out_dir, track=track,
+            results[name] = train_run(model, ds, epochs=epochs, overrides=own, seed=s, out_dir=out_dir, track=track,
                                       resume=resume)
-            registered[name] = name
+            registered[name] = model
         for row, result in results.items():
             runs.setdefault(row, []).append(result)
     rows = [result_row(name, r) for name, r in runs.items()]

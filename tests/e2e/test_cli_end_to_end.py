@@ -124,8 +124,8 @@ def test_report_writes_table_csv_figure_and_sets_champion(small_dataset, tmp_pat
 def test_report_over_seeds_gives_mean_sd_significance_and_reuses_finished_runs(small_dataset, tmp_path, capsys,
                                                                                 monkeypatch):
     monkeypatch.chdir(tmp_path)
-    args = ["report", "--dataset", str(small_dataset), "--models", "pop", "sasrec", "--epochs", "2", "--seeds", "1",
-            "2", "--set", "hidden_size=16", "--set", "lr=0.005"]
+    args = ["report", "--dataset", str(small_dataset), "--models", "pop", "sasrec", "ligr=sasrec", "--epochs", "2",
+            "--seeds", "1", "2", "--set", "hidden_size=16", "--set", "lr=0.005", "--set", "ligr.layer=ligr"]
     assert main(args) == 0
     name = json.loads((small_dataset / "manifest.json").read_text())["name"]
     table = (tmp_path / "reports" / name / "eval.md").read_text()
@@ -133,6 +133,9 @@ def test_report_over_seeds_gives_mean_sd_significance_and_reuses_finished_runs(s
     assert "| sasrec | " in table and " ± " in table
     # every model against the best one by validation (sasrec here) and against SASRec: pop vs sasrec is a row
     assert "| pop | sasrec | " in table and "Paired bootstrap over test users" in table
+    # a variant row: SASRec with LiGR layers, trained under its own name
+    ligr = json.loads((tmp_path / "runs" / name / "ligr" / "seed-1" / "config.json").read_text())
+    assert ligr["model"] == "sasrec" and ligr["model_config"]["layer"] == "ligr" and "| ligr | " in table
     import pandas as pd
 
     rows = pd.read_csv(tmp_path / "reports" / name / "eval.csv").set_index("model")
@@ -143,8 +146,8 @@ def test_report_over_seeds_gives_mean_sd_significance_and_reuses_finished_runs(s
     assert all((run / "test_ranks.parquet").is_file() for run in seed_runs)
     assert any((weights[0][k] != weights[1][k]).any() for k in weights[0])  # the seeds trained different models
     capsys.readouterr()
-    assert main([*args, "--resume"]) == 0  # nothing left to train: the four finished runs are reused
-    assert capsys.readouterr().err.count("reusing the finished run") == 4
+    assert main([*args, "--resume"]) == 0  # nothing left to train: the six finished runs are reused
+    assert capsys.readouterr().err.count("reusing the finished run") == 6
     assert (tmp_path / "reports" / name / "eval.md").read_text() == table
 
 
