@@ -293,8 +293,11 @@ class EnsembleReasoning:
         if not self.kl_weight or steps < 2:
             return loss
         logits = states @ items.T / self.temperature  # (B, K+1, V)
-        p, fixed_log_p = logits.softmax(-1), logits.detach().log_softmax(-1)
-        kl = (p[:, None] * (p[:, None].clamp_min(1e-30).log() - fixed_log_p[:, :, None])).sum(-1)  # [b, i, j]
+        log_p = logits.log_softmax(-1)
+        p = log_p.exp()
+        # KL(p_j ‖ p_i) = Σ p_j log p_j − Σ p_j log p_i: one entropy per step and one batched matmul, not (K+1)² V
+        cross = torch.einsum("bjv,biv->bij", p, log_p.detach())
+        kl = (p * log_p).sum(-1)[:, None, :] - cross  # [b, i, j]
         off_diagonal = ~torch.eye(steps, dtype=torch.bool, device=states.device)
         return loss - self.kl_weight * kl[:, off_diagonal].mean()
 
