@@ -20,7 +20,7 @@ ENGINE ?=
 SPARK_MASTER ?=
 RECSYS_JOB = $(if $(NPROC),$(VENV)/bin/torchrun --nproc-per-node $(NPROC) -m recsys,$(VENV)/bin/recsys)
 
-.PHONY: setup test test-slow test-triton test-spark eval serve mlflow-ui bench bench-kernels bench-kernels-gpu bench-serving bench-generative lint clean
+.PHONY: setup test test-slow test-triton test-spark eval serve mlflow-ui bench bench-kernels bench-kernels-gpu bench-serving bench-generative bench-bsarec lint clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found (set PYTHON=...)"; exit 1; }
@@ -84,6 +84,10 @@ bench-serving: $(STAMP)
 # TEXT_CACHE: Beauty's cached MiniLM item embeddings (.npy), for the real trie; random unit vectors without it.
 bench-generative: $(STAMP)
 	$(PY) tests/benchmarks/generative.py $(if $(TEXT_CACHE),--text-cache $(TEXT_CACHE))
+
+# BSARec's training step on Amazon Beauty: plain, last row only, and ours (with FastDropout); about 4 minutes.
+bench-bsarec: $(STAMP)
+	$(PY) tests/benchmarks/bsarec_step.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check recsys pipelines kernels serving tests

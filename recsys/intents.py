@@ -1,5 +1,5 @@
 """ICSRec: intent contrastive learning with cross subsequences, an auxiliary loss for causal encoders (Qin et al.,
-"Intent Contrastive Learning with Cross Subsequences for Sequential Recommendation", WSDM 2024, §4).
+"Intent Contrastive Learning with Cross Subsequences for Sequential Recommendation", WSDM 2024, §4; model-specs §12).
 
 Every prefix of a training sequence is a subsequence whose intent shows in its next item (§4.1). For each training
 row the state h₁ of its last prefix (already computed by the main loss) is paired with h₂, the state of another

@@ -1,5 +1,5 @@
 """ReaRec: implicit multi-step reasoning after the sequence, for causal encoders (Tang et al., "Think Before
-Recommend: Unleashing the Latent Reasoning Power for Sequential Recommendation", 2025, §3).
+Recommend: Unleashing the Latent Reasoning Power for Sequential Recommendation", 2025, §3; model-specs §11).
 
 The encoder's last state h₀ is fed back as one more input token with the k-th reasoning position embedding r_k
 added (which keeps reasoning tokens apart from item positions): h_k is the state at the new last position of

@@ -1,6 +1,6 @@
 """LiGR's transformer layer (Borisyuk et al., "From Features to Transformers: Redefining Ranking for Scalable
-Impact", 2025, §3.1), the layer of eSASRec (Tikhonovich et al., RecSys 2025): pre-norm sublayers whose residual
-branch is scaled by a sigmoid gate of the layer input,
+Impact", 2025, §3.1; model-specs §13), the layer of eSASRec (Tikhonovich et al., RecSys 2025): pre-norm
+sublayers whose residual branch is scaled by a sigmoid gate of the layer input,
 
     X = X + σ(G₁X) ⊙ Drop(MHA(LN(X)))        X = X + σ(G₂X) ⊙ Drop(FFN(LN(X))),
 
