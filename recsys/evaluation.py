@@ -85,20 +85,12 @@ def item_percentiles(train: Jagged, num_items: int) -> np.ndarray:
     return out
 
 
-@torch.no_grad()
-def evaluate(
-    model: SequentialModel,
-    eval_set: EvalSet,
-    num_items: int,
-    exclude_seen: bool,
-    ks=KS,
-    batch_size: int = 512,
-    device: torch.device | str = "cpu",
-    item_percentile: np.ndarray | None = None,
-) -> dict[str, float]:
+def evaluate(model: SequentialModel, eval_set: EvalSet, num_items: int, exclude_seen: bool, **options
+             ) -> dict[str, float]:
     """Full-ranking metrics of ``model`` on ``eval_set``; the result records ``exclude_seen`` and the user count,
-    and with ``item_percentile`` (``item_percentiles``) the mean popularity percentile of the top-10 lists."""
-    return evaluate_users(model, eval_set, num_items, exclude_seen, ks, batch_size, device, item_percentile)[0]
+    and with ``item_percentile`` (``item_percentiles``) the mean popularity percentile of the top-10 lists.
+    ``options``: those of ``evaluate_users``."""
+    return evaluate_users(model, eval_set, num_items, exclude_seen, **options)[0]
 
 
 @torch.no_grad()
