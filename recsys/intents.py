@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pipelines.jagged import Jagged
 from recsys import distributed
 from recsys.batching import CausalTrainBatches, SequenceBatch, pad_histories
-from recsys.losses import IntentContrastiveLoss
+from recsys.losses import IntentContrastiveLoss, training_target_counts
 
 
 class IntentSettings(BaseModel):
@@ -55,13 +55,11 @@ class IntentContrast:
         if self.intent_loss is None:
             return
         self._train = train
-        starts = np.repeat(train.offsets[:-1], train.lengths())
-        targets = np.flatnonzero(np.arange(len(train.items)) > starts)  # every event but a row's first
+        targets = np.flatnonzero(train.positions() > 0)  # every event but a row's first follows a prefix
         order = np.argsort(train.items[targets], kind="stable")
-        self._occurrences = targets[order]  # positions of the events that follow a prefix, grouped by item
-        self._row_start = starts
-        counts = np.bincount(train.items[targets], minlength=self.num_items + 1)
-        self._first = np.concatenate([[0], np.cumsum(counts)])
+        self._occurrences = targets[order]  # those events' positions, grouped by item
+        self._row_start = train.offsets[train.row_ids()]
+        self._first = np.concatenate([[0], np.cumsum(training_target_counts(train, self.num_items))])
 
     def start_epoch(self, epoch: int) -> None:
         """The fine-grain intents: k-means over the states of every training prefix (rank 0's, broadcast)."""

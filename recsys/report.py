@@ -70,23 +70,25 @@ def result_row(model: str, runs: list[RunResult]) -> dict:
     return row
 
 
-def per_user_means(runs: list[RunResult], metric: str) -> pd.Series | None:
-    """Each test user's ``metric`` averaged over the model's seeds (index user_idx); None without saved ranks."""
-    values = []
+def seed_ranks(runs: list[RunResult]) -> pd.DataFrame | None:
+    """Each test user's target rank (index user_idx), one column per seed; None without saved ranks."""
+    columns = []
     for run in runs:
         path = run.bundle_dir / USER_RANKS
         if not path.is_file():
             return None
-        ranks = pd.read_parquet(path)
-        values.append(pd.Series(per_user_metric(ranks["rank"].to_numpy(), metric), index=ranks["user_idx"]))
-    return pd.concat(values, axis=1).mean(axis=1)
+        columns.append(pd.read_parquet(path).set_index("user_idx")["rank"])
+    return pd.concat(columns, axis=1)
 
 
 def significance(runs: dict[str, list[RunResult]], references: list[str]) -> dict[str, dict[str, dict]]:
-    """row → reference → metric → ``PairedDifference`` of the row against each reference model."""
+    """row → reference → metric → ``PairedDifference`` of the row against each reference model, on the per-user
+    metric averaged over each model's seeds."""
+    ranks = {name: seed_ranks(r) for name, r in runs.items()}
     out: dict[str, dict[str, dict]] = {}
     for metric in COMPARED:
-        users = {name: per_user_means(r, metric) for name, r in runs.items()}
+        users = {name: None if r is None else r.apply(lambda c: per_user_metric(c.to_numpy(), metric)).mean(axis=1)
+                 for name, r in ranks.items()}
         for name in runs:
             for ref in references:
                 if ref == name or users[name] is None or users[ref] is None:
