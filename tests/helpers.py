@@ -49,14 +49,45 @@ def random_embeddings(n: int, dim: int = 8, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).normal(size=(n, dim)).astype(np.float32)
 
 
-def fitted_tiny_tiger(num_items: int, seed: int = 0, **extra):
-    """A random-weight TIGER whose semantic ids come from random 'text' embeddings (no encoder needed)."""
+TINY_SID_DECODER = {"codebook_size": 4, "text_dim": 8, "d_model": 32, "num_heads": 2, "d_ff": 64, "num_layers": 2,
+                    "dropout": 0.0, "max_len": 12}
+TINY_GENERATIVE = {"tiger": TINY_TIGER, "sid_decoder": TINY_SID_DECODER}
+
+
+def fitted_tiny_generative(name: str, num_items: int, seed: int = 0, **extra):
+    """A random-weight semantic-id model (tiger, sid_decoder) whose semantic ids come from random 'text'
+    embeddings (no encoder needed)."""
     from recsys.models import build_model
 
     torch.manual_seed(seed)
-    model = build_model("tiger", num_items, {**TINY_TIGER, **extra})
-    model.fit_semantic_ids(random_embeddings(num_items, TINY_TIGER["text_dim"]))
+    model = build_model(name, num_items, {**TINY_GENERATIVE[name], **extra})
+    model.fit_semantic_ids(random_embeddings(num_items, TINY_GENERATIVE[name]["text_dim"]))
     return model
+
+
+def successor_rows(num_items: int, n_rows: int = 200, seed: int = 0) -> Jagged:
+    """Rows of 8 items in which item i is always followed by i+1 (cyclically)."""
+    rng = np.random.default_rng(seed)
+    rows = [(np.arange(s, s + 8) % num_items) + 1 for s in rng.integers(0, num_items, n_rows)]
+    return Jagged.from_lengths(np.full(len(rows), 8), np.concatenate(rows), np.tile(np.arange(8) * 60, len(rows)))
+
+
+def trained_on(model, train: Jagged, epochs: int, lr: float = 3e-3, batch_size: int = 64):
+    """``model`` after ``epochs`` passes of Adam over its own training batches of ``train``, in eval mode."""
+    torch.set_num_threads(1)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    batches = model.train_batches(np.arange(len(train.lengths())), train, batch_size)
+    for epoch in range(epochs):
+        model.train()
+        for batch in batches.epoch(np.random.default_rng(epoch)):
+            optimizer.zero_grad()
+            model.loss(batch).backward()
+            optimizer.step()
+    return model.eval()
+
+
+def fitted_tiny_tiger(num_items: int, seed: int = 0, **extra):
+    return fitted_tiny_generative("tiger", num_items, seed, **extra)
 
 
 def cpu_kernel_missing() -> str | None:

@@ -15,7 +15,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipelines.jagged import Jagged
 from recsys.beam_search import PrefixTrie, constrained_beam_search
 from recsys.bundle import load_bundle, save_bundle
 from recsys.evaluation import evaluate, item_percentiles
@@ -23,7 +22,8 @@ from recsys.models import build_model
 from recsys.models.base import GenerativeModel, ModelConfig
 from recsys.ranking import exclusions
 from recsys.trainer import TrainConfig, Trainer
-from tests.helpers import TINY_TIGER, fitted_tiny_tiger, left_padded_batch, random_embeddings, toy_split
+from tests.helpers import (TINY_TIGER, fitted_tiny_tiger, left_padded_batch, random_embeddings, successor_rows,
+                           toy_split, trained_on)
 
 NUM_ITEMS = 20
 TINY = TINY_TIGER
@@ -33,27 +33,10 @@ def tiny_tiger(num_items=NUM_ITEMS, **extra):
     return fitted_tiny_tiger(num_items, **extra)
 
 
-def successor_rows(n_rows=200, seed=0):
-    rng = np.random.default_rng(seed)
-    rows = [(np.arange(s, s + 8) % NUM_ITEMS) + 1 for s in rng.integers(0, NUM_ITEMS, n_rows)]
-    return Jagged.from_lengths(np.full(len(rows), 8), np.concatenate(rows), np.tile(np.arange(8) * 60, len(rows)))
-
-
 @pytest.fixture(scope="module")
 def trained_tiger():
     """Item i is always followed by i+1 (cyclically), as in test_models_common's successor test."""
-    torch.set_num_threads(1)
-    model = tiny_tiger()
-    train = successor_rows()
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
-    batches = model.train_batches(np.arange(len(train.lengths())), train, 64)
-    for epoch in range(12):
-        model.train()
-        for batch in batches.epoch(np.random.default_rng(epoch)):
-            optimizer.zero_grad()
-            model.loss(batch).backward()
-            optimizer.step()
-    return model.eval()
+    return trained_on(tiny_tiger(), successor_rows(NUM_ITEMS), epochs=12)
 
 
 SUCCESSOR_HISTORIES = [[(s + j) % NUM_ITEMS + 1 for j in range(5)] for s in range(NUM_ITEMS)]
