@@ -14,9 +14,10 @@ models and add their own rows and notes (``slmrec-distill``: SLMRec's teacher an
 
 With several seeds (``--seeds 42 43 44``, ``make eval SEEDS="42 43 44"``) each model is trained once per seed and the
 table gives mean ± standard deviation; every model is compared with the best one (by mean validation NDCG@10) and
-with SASRec by a paired bootstrap over test users (``recsys.significance``), so the table says which differences
-are real. Coverage@10 and the popularity percentile of the top-10 stand beside accuracy, and the test figures
-with the other exclusion setting come from the same trained models."""
+with SASRec, and a variant row with the row of its own model, by a paired bootstrap over test users
+(``recsys.significance``), so the table says which differences are real. Coverage@10 and the popularity
+percentile of the top-10 stand beside accuracy, and the test figures with the other exclusion setting come from the
+same trained models."""
 
 from __future__ import annotations
 
@@ -81,8 +82,18 @@ def seed_ranks(runs: list[RunResult]) -> pd.DataFrame | None:
     return pd.concat(columns, axis=1)
 
 
-def significance(runs: dict[str, list[RunResult]], references: list[str]) -> dict[str, dict[str, dict]]:
-    """row → reference → metric → ``PairedDifference`` of the row against each reference model, on the per-user
+def references_by_row(rows: list[str], best: str, backbone: dict[str, str]) -> dict[str, list[str]]:
+    """What each row is compared with: the best row (by validation), SASRec, and, for a variant ``row=model``, the
+    row of its own model when listed (a method's gain over its backbone, same seeds)."""
+    out = {}
+    for row in rows:
+        wanted = [best, "sasrec", backbone.get(row, row)]
+        out[row] = [ref for i, ref in enumerate(wanted) if ref in rows and ref != row and ref not in wanted[:i]]
+    return out
+
+
+def significance(runs: dict[str, list[RunResult]], references: dict[str, list[str]]) -> dict[str, dict[str, dict]]:
+    """row → reference → metric → ``PairedDifference`` of the row against each of its references, on the per-user
     metric averaged over each model's seeds."""
     ranks = {name: seed_ranks(r) for name, r in runs.items()}
     out: dict[str, dict[str, dict]] = {}
@@ -90,8 +101,8 @@ def significance(runs: dict[str, list[RunResult]], references: list[str]) -> dic
         users = {name: None if r is None else r.apply(lambda c: per_user_metric(c.to_numpy(), metric)).mean(axis=1)
                  for name, r in ranks.items()}
         for name in runs:
-            for ref in references:
-                if ref == name or users[name] is None or users[ref] is None:
+            for ref in references[name]:
+                if users[name] is None or users[ref] is None:
                     continue
                 a, b = users[name].align(users[ref], join="inner")
                 out.setdefault(name, {}).setdefault(ref, {})[metric] = paired_bootstrap(a.to_numpy(), b.to_numpy())
@@ -104,7 +115,7 @@ def fmt(mean: float, sd: float, seeds: int) -> str:
 
 def write_markdown(
     path: Path, dataset: str, manifest: dict, rows: list[dict], exclude_seen: bool, champion: str,
-    seeds: list, tests: dict, references: list[str], notes: list[str] = (),
+    seeds: list, tests: dict, references: dict[str, list[str]], notes: list[str] = (),
 ) -> None:
     counts = manifest.get("counts", {})
     other = "kept" if exclude_seen else "excluded"
@@ -136,7 +147,7 @@ def write_markdown(
                   "difference of the row minus the reference, its 95% interval and two-sided p-value.", "",
                   "| model | reference | ΔNDCG@10 [95% CI] | p | ΔHR@10 [95% CI] | p |", "|---|---|---|---|---|---|"]
         for name in [r["model"] for r in rows]:
-            for ref in references:
+            for ref in references[name]:
                 found = tests.get(name, {}).get(ref)
                 if found:
                     cells = [f"{d.mean:+.4f} [{d.low:+.4f}, {d.high:+.4f}] | {d.p_value:.4f}"
@@ -232,7 +243,7 @@ def run_report(dataset: str, models: list[str], *, raw_dir=None, data_root=None,
             runs.setdefault(row, []).append(result)
     rows = [result_row(name, r) for name, r in runs.items()]
     best = max(rows, key=lambda r: r["valid_ndcg@10"])["model"]  # by mean validation NDCG@10, never test
-    references = [best] + [m for m in ("sasrec",) if m in runs and m != best]
+    references = references_by_row(list(runs), best, dict(map(row_model, models)))
     tests = significance(runs, references)
 
     def write() -> Path:

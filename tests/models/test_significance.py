@@ -64,3 +64,15 @@ def test_user_ranks_are_in_row_order_and_give_the_summary():
     one = split.test.take(np.array([5]))  # user 5 alone gets the rank it got among all
     assert evaluate_users(model, one, num_items, True, ks=(1, 5, 10))[1].ranks[0] == users.ranks[5]
     assert 0 < summary["popularity_percentile@10"] < 100
+
+
+def test_each_row_is_compared_with_the_best_row_sasrec_and_its_own_backbone():
+    from recsys.report import references_by_row
+
+    rows = ["pop", "sasrec", "esasrec", "bsarec", "bsarec-text"]
+    refs = references_by_row(rows, "bsarec-text", {"esasrec": "sasrec", "bsarec-text": "bsarec"})
+    assert refs == {"pop": ["bsarec-text", "sasrec"], "sasrec": ["bsarec-text"], "esasrec": ["bsarec-text", "sasrec"],
+                    "bsarec": ["bsarec-text", "sasrec"], "bsarec-text": ["sasrec", "bsarec"]}
+    # a backbone that is not listed is no reference; the best row has no reference to itself
+    assert references_by_row(["sasrec", "icsrec"], "icsrec", {"icsrec": "gru4rec"}) == {"sasrec": ["icsrec"],
+                                                                                          "icsrec": ["sasrec"]}
