@@ -38,6 +38,7 @@ from kernels.atomic import atomic_write_bytes  # noqa: E402
 from recsys import distributed  # noqa: E402
 from recsys.bundle import USER_RANKS  # noqa: E402
 from recsys.models import model_class  # noqa: E402
+from recsys.report_html import dataset_statistics, write_html  # noqa: E402
 from recsys.run import RECIPES, RunResult, model_settings, resolve_dataset, scoped_settings, train_run  # noqa: E402
 from recsys.significance import paired_bootstrap, per_user_metric  # noqa: E402
 import recsys.distill  # noqa: E402,F401  (registers the recipes listed beside models)
@@ -113,15 +114,10 @@ def fmt(mean: float, sd: float, seeds: int) -> str:
     return f"{mean:.4f} ± {sd:.4f}" if seeds > 1 else f"{mean:.4f}"
 
 
-def write_markdown(
-    path: Path, dataset: str, manifest: dict, rows: list[dict], exclude_seen: bool, champion: str,
-    seeds: list, tests: dict, references: dict[str, list[str]], notes: list[str] = (),
-) -> None:
+def protocol_lines(manifest: dict, exclude_seen: bool, champion: str, seeds: list) -> list[str]:
+    """What was compared and how: the sentences above the tables of the Markdown and HTML reports."""
     counts = manifest.get("counts", {})
-    other = "kept" if exclude_seen else "excluded"
-    lines = [
-        f"# Evaluation on `{dataset}`",
-        "",
+    return [
         f"Dataset content hash `{manifest.get('content_hash', '?')[:16]}`; {counts.get('users', '?')} users, "
         f"{counts.get('items', '?')} items, {counts.get('interactions', '?')} interactions.",
         f"Protocol: {manifest.get('settings', {}).get('split', 'loo')} split, full ranking over the whole catalogue, "
@@ -129,35 +125,59 @@ def write_markdown(
         f"Champion (registry alias `champion`): **{champion}** (the single run with the best validation NDCG@10).",
         f"Seeds: {', '.join(str(s) for s in seeds)}" + (" (mean ± sample standard deviation over seeds)."
                                                        if len(seeds) > 1 else "."),
-        "",
-        f"| model | HR@10 | NDCG@10 | MRR | coverage@10 | popularity pct@10 | HR@10 / NDCG@10, history {other} | "
-        "train time (s) | s/epoch | parameters | epochs (best) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
-        n = r["seeds"]
-        lines.append(
-            f"| {r['model']} | {fmt(r['hr@10'], r['hr@10_sd'], n)} | {fmt(r['ndcg@10'], r['ndcg@10_sd'], n)} | "
-            f"{fmt(r['mrr'], r['mrr_sd'], n)} | {r['coverage@10']:.4f} | {r['popularity_percentile@10']:.1f} | "
-            f"{r['other_hr@10']:.4f} / {r['other_ndcg@10']:.4f} | {r['train_seconds']:.1f} | "
-            f"{r['seconds_per_epoch']:.2f} | {r['parameters']:,} | {r['epochs']:g} ({r['best_epoch']:g}) |"
-        )
-    if tests:
-        lines += ["", "Paired bootstrap over test users (10,000 resamples; per-user metric averaged over seeds): "
-                  "difference of the row minus the reference, its 95% interval and two-sided p-value.", "",
-                  "| model | reference | ΔNDCG@10 [95% CI] | p | ΔHR@10 [95% CI] | p |", "|---|---|---|---|---|---|"]
-        for name in [r["model"] for r in rows]:
-            for ref in references[name]:
-                found = tests.get(name, {}).get(ref)
-                if found:
-                    cells = [f"{d.mean:+.4f} [{d.low:+.4f}, {d.high:+.4f}] | {d.p_value:.4f}"
-                             for d in (found[m] for m in COMPARED)]
-                    lines.append(f"| {name} | {ref} | {' | '.join(cells)} |")
+
+
+SIGNIFICANCE_NOTE = ("Paired bootstrap over test users (10,000 resamples; per-user metric averaged over seeds): "
+                     "difference of the row minus the reference, its 95% interval and two-sided p-value.")
+
+
+def result_table(rows: list[dict], exclude_seen: bool) -> tuple[list[str], list[list[str]]]:
+    """The comparison table's header and cells."""
+    other = "kept" if exclude_seen else "excluded"
+    header = ["model", "HR@10", "NDCG@10", "MRR", "coverage@10", "popularity pct@10",
+              f"HR@10 / NDCG@10, history {other}", "train time (s)", "s/epoch", "parameters", "epochs (best)"]
+    cells = [[r["model"], fmt(r["hr@10"], r["hr@10_sd"], r["seeds"]), fmt(r["ndcg@10"], r["ndcg@10_sd"], r["seeds"]),
+              fmt(r["mrr"], r["mrr_sd"], r["seeds"]), f"{r['coverage@10']:.4f}", f"{r['popularity_percentile@10']:.1f}",
+              f"{r['other_hr@10']:.4f} / {r['other_ndcg@10']:.4f}", f"{r['train_seconds']:.1f}",
+              f"{r['seconds_per_epoch']:.2f}", f"{r['parameters']:,}", f"{r['epochs']:g} ({r['best_epoch']:g})"]
+             for r in rows]
+    return header, cells
+
+
+def significance_table(rows: list[dict], tests: dict, references: dict[str, list[str]]
+                       ) -> tuple[list[str], list[list[str]]]:
+    """The paired-bootstrap table's header and cells: one line per (row, reference) pair tested."""
+    header = ["model", "reference", "ΔNDCG@10 [95% CI]", "p", "ΔHR@10 [95% CI]", "p"]
+    cells = []
+    for name in [r["model"] for r in rows]:
+        for ref in references[name]:
+            found = tests.get(name, {}).get(ref)
+            if found:
+                pairs = [(f"{d.mean:+.4f} [{d.low:+.4f}, {d.high:+.4f}]", f"{d.p_value:.4f}")
+                         for d in (found[m] for m in COMPARED)]
+                cells.append([name, ref, *[c for pair in pairs for c in pair]])
+    return header, cells
+
+
+def markdown_table(header: list[str], cells: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(c) + " |" for c in cells]
+
+
+def write_markdown(
+    path: Path, dataset: str, manifest: dict, rows: list[dict], exclude_seen: bool, champion: str,
+    seeds: list, tests: dict, references: dict[str, list[str]], notes: list[str] = (),
+) -> None:
+    lines = [f"# Evaluation on `{dataset}`", "", *protocol_lines(manifest, exclude_seen, champion, seeds), "",
+             *markdown_table(*result_table(rows, exclude_seen))]
+    header, cells = significance_table(rows, tests, references)
+    if cells:
+        lines += ["", SIGNIFICANCE_NOTE, "", *markdown_table(header, cells)]
     lines += notes
     atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
 
 
-def write_figure(path: Path, dataset: str, runs: dict[str, list[RunResult]]) -> None:
+def write_figure(path: Path, dataset: str, runs: dict[str, list[RunResult]]) -> bytes:
     fig, (curves, bars) = plt.subplots(1, 2, figsize=(12, 4.5))
     colour = {name: f"C{i % 10}" for i, name in enumerate(runs)}  # one colour per model in every panel
     for name, seeds in runs.items():
@@ -186,6 +206,7 @@ def write_figure(path: Path, dataset: str, runs: dict[str, list[RunResult]]) -> 
     fig.savefig(image, format="png", dpi=110)
     plt.close(fig)
     atomic_write_bytes(path, image.getvalue())
+    return image.getvalue()
 
 
 def row_model(entry: str) -> tuple[str, str]:
@@ -263,7 +284,17 @@ def run_report(dataset: str, models: list[str], *, raw_dir=None, data_root=None,
         writer.writeheader()
         writer.writerows(rows)
         atomic_write_bytes(out_dir / "eval.csv", table.getvalue().encode())
-        write_figure(out_dir / "eval.png", ds.manifest["name"], runs)
+        figure = write_figure(out_dir / "eval.png", ds.manifest["name"], runs)
+        protocol = protocol_lines(ds.manifest, exclude_seen, champion, seeds)
+        write_html(out_dir / "report.html", ds.manifest["name"], dataset_statistics(ds), protocol,
+                   [("Comparison", "", *result_table(rows, exclude_seen)),
+                    ("Significance", SIGNIFICANCE_NOTE, *significance_table(rows, tests, references))],
+                   figure, notes)
+        if track:
+            from recsys.tracking import log_report
+
+            log_report(ds.manifest["name"], [out_dir / f for f in ("report.html", "eval.png", "eval.md", "eval.csv")],
+                       " ".join(protocol))
         return out_dir
 
     return distributed.on_main(write)

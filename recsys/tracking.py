@@ -61,6 +61,7 @@ class Tracker:
             experiment_id = self.client.create_experiment(experiment, artifact_location=location)
         else:
             experiment_id = found.experiment_id
+        self.experiment_id = experiment_id
         tags = dict(tags or {})
         interrupted = self._interrupted_run(run_id_file)
         if interrupted:
@@ -120,6 +121,19 @@ class Tracker:
 
     def end(self, status: str = "FINISHED") -> None:
         self.mlflow.end_run(status=status)
+
+
+def log_report(experiment: str, files: list[Path], description: str) -> str:
+    """A run named ``report`` in the dataset's experiment holding the comparison report's files as artifacts; the
+    experiment's description (what the MLflow UI shows above its runs) becomes ``description`` with a pointer to
+    it. Returns the run id."""
+    tracker = Tracker(experiment, run_name="report", tags={"recsys.kind": "report"})
+    for path in files:
+        tracker.mlflow.log_artifact(str(path))
+    note = f"{description}\n\nThe latest comparison: run `report` ({tracker.run_id}), artifact `report.html`."
+    tracker.client.set_experiment_tag(tracker.experiment_id, "mlflow.note.content", note)
+    tracker.end()
+    return tracker.run_id
 
 
 def set_champion(model_name: str, version: str, candidates: list[str]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -138,6 +139,18 @@ def test_report_over_seeds_gives_mean_sd_significance_and_reuses_finished_runs(s
     assert ligr["model"] == "sasrec" and ligr["model_config"]["layer"] == "ligr" and "| ligr | " in table
     import pandas as pd
 
+    # the page people look at: self-contained, the same tables, the figure inline; logged to MLflow with the PNG
+    page = (tmp_path / "reports" / name / "report.html").read_text()
+    assert "<td>ligr</td><td>sasrec</td>" in page and "Paired bootstrap over test users" in page
+    assert "src='data:image/png;base64," in page and "<td>interactions</td>" in page
+    assert not re.search(r"(src|href)=['\"](?!data:)", page)  # nothing fetched from elsewhere
+    from mlflow import MlflowClient
+
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name(name)
+    assert "full ranking over the whole catalogue" in experiment.tags["mlflow.note.content"]
+    [report_run] = client.search_runs([experiment.experiment_id], "tags.`recsys.kind` = 'report'")
+    assert {f.path for f in client.list_artifacts(report_run.info.run_id)} >= {"report.html", "eval.png"}
     rows = pd.read_csv(tmp_path / "reports" / name / "eval.csv").set_index("model")
     assert rows.loc["sasrec", "seeds"] == 2 and rows.loc["sasrec", "ndcg@10_sd"] > 0
     assert 0 < rows.loc["pop", "popularity_percentile@10"] <= 100 and rows.loc["pop", "other_exclusion"] == "off"
