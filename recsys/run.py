@@ -141,8 +141,14 @@ def finished_run(out_dir: Path, model_name: str, model_config: dict, run_config:
     except (OSError, ValueError):
         return None
     budget = lambda c: {k: v for k, v in c.items() if k != "max_minutes"}  # noqa: E731
-    same = (config.get("model") == model_name and config.get("model_config") == model_config
-            and budget(config.get("train_config", {})) == budget(run_config["train_config"])
+    try:
+        # through the config classes, so an option added since (whose default is the old behaviour) is its default
+        saved_model = model_class(model_name).Config(**config.get("model_config", {})).model_dump(mode="json")
+        saved_train = TrainConfig(**config.get("train_config", {})).model_dump(mode="json")
+    except ValueError:  # a field that no longer exists, or a model that is gone
+        return None
+    same = (config.get("model") == model_name and saved_model == model_config
+            and budget(saved_train) == budget(run_config["train_config"])
             and all(config.get("dataset", {}).get(k) == run_config["dataset"][k] for k in ("content_hash", "split"))
             and config.get("exclude_seen") == run_config["exclude_seen"])
     if not same or metrics.get("stopped_because") == "time budget" or not (out_dir / "weights.safetensors").is_file():
