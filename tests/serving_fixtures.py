@@ -11,7 +11,7 @@ import torch
 import recsys.models  # noqa: F401  (registers the models)
 from recsys.bundle import save_bundle
 from recsys.models.base import build_model
-from tests.helpers import fitted_tiny_tiger
+from tests.helpers import TINY_GENERATIVE, fitted_tiny_generative
 
 NUM_ITEMS = 40
 
@@ -23,8 +23,8 @@ def toy_items(num_items: int = NUM_ITEMS) -> pd.DataFrame:
 
 
 def make_bundle(path: Path, model: str = "sasrec", seed: int = 0, **config) -> Path:
-    if model == "tiger":  # generative: semantic ids from random "text", no hidden_size
-        network = fitted_tiny_tiger(NUM_ITEMS, seed=seed, **{"max_len": 8, **config})
+    if model in TINY_GENERATIVE:  # semantic ids from random "text", no hidden_size
+        network = fitted_tiny_generative(model, NUM_ITEMS, seed=seed, **{"max_len": 8, **config})
     else:
         torch.manual_seed(seed)
         network = build_model(model, NUM_ITEMS, {"hidden_size": 16, "max_len": 8, **config})

@@ -55,8 +55,10 @@ def test_report_runs_and_champion_visible_through_rest_api(tmp_path, monkeypatch
         experiments = _call(base, "/api/2.0/mlflow/experiments/search", {"max_results": 10})["experiments"]
         ids = [e["experiment_id"] for e in experiments if e["name"] == dataset.name]
         runs = _call(base, "/api/2.0/mlflow/runs/search", {"experiment_ids": ids})["runs"]
-        by_model = {{t["key"]: t["value"] for t in r["data"]["tags"]}["model"]: r for r in runs}
+        tags = [{t["key"]: t["value"] for t in r["data"]["tags"]} for r in runs]
+        by_model = {t["model"]: r for t, r in zip(tags, runs) if "model" in t}
         assert set(by_model) == {"pop", "sasrec"}
+        assert [t.get("recsys.kind") for t in tags if "model" not in t] == ["report"]  # the report's own run
         metrics = {m["key"] for m in by_model["sasrec"]["data"]["metrics"]}
         assert {"test_ndcg_at_10", "test_hr_at_10", "valid_ndcg_at_10", "loss"} <= metrics
         holders = []
