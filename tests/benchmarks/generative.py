@@ -93,7 +93,7 @@ def training_seconds_per_1000_targets(model, steps: int, seed: int = 0) -> dict:
     from pipelines.jagged import Jagged
 
     rng = np.random.default_rng(seed)
-    lengths = 5 + rng.poisson(3.9, size=4096)
+    lengths = 5 + rng.poisson(3.9, size=256 * (steps + 1))  # enough rows for every model's batches
     train = Jagged.from_lengths(lengths, rng.integers(1, NUM_ITEMS + 1, size=int(lengths.sum())),
                                 np.zeros(int(lengths.sum()), dtype=np.int64))
     batches = iter(model.train_batches(np.arange(len(lengths)), train, 256).epoch(rng))
