@@ -75,6 +75,13 @@ class PrefixTrie:
 StepLogits = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def beams_side_by_side_mask(width: int, t: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(W·t, W·t) attention mask for ``width`` beams of ``t`` tokens laid end to end in one row: a token sees its
+    own beam's tokens up to itself (causal, block-diagonal), so the beams decode together as if each were alone."""
+    pos = torch.arange(width * t, device=device)
+    return ((pos[:, None] // t) == (pos[None, :] // t)) & (pos[None, :] <= pos[:, None])
+
+
 @torch.no_grad()
 def constrained_beam_search(step_logits: StepLogits, trie: PrefixTrie, batch_size: int, beam_width: int,
                             device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:

@@ -27,7 +27,7 @@ from pydantic import Field
 from torch import nn
 
 from recsys.batching import SequenceBatch
-from recsys.beam_search import constrained_beam_search
+from recsys.beam_search import beams_side_by_side_mask, constrained_beam_search
 from recsys.losses import SemanticIdCrossEntropy
 from recsys.models.base import register
 from recsys.models.semantic import PAD, SemanticIdConfig, SemanticIdModel
@@ -162,8 +162,7 @@ class SIDDecoder(SemanticIdModel):
             tokens = (prefix + self.level_offsets[:d]).reshape(batch_size, width * d)
             levels = torch.arange(d, device=device).repeat(width)
             x = self.token_embedding(tokens) + self.level_embedding(levels) + slot
-            pos = torch.arange(width * d, device=device)
-            own = (pos[:, None] // d == pos[None, :] // d) & (pos[None, :] <= pos[:, None])
+            own = beams_side_by_side_mask(width, d, device)
             mask = torch.cat([history_real[:, None, :].expand(-1, width * d, -1),
                               own.expand(batch_size, -1, -1)], 2)[:, None]
             hidden, _ = self.run(x, mask, cache)

@@ -21,7 +21,7 @@ import torch
 from pydantic import Field
 
 from recsys.batching import SequenceBatch
-from recsys.beam_search import constrained_beam_search
+from recsys.beam_search import beams_side_by_side_mask, constrained_beam_search
 from recsys.losses import SemanticIdCrossEntropy
 from recsys.models.base import register
 from recsys.models.semantic import BOS, PAD, SemanticIdConfig, SemanticIdModel
@@ -123,9 +123,7 @@ class TIGER(SemanticIdModel):
         Beauty-sized requests: projecting the encoder states again for every beam at every level was ~75% of a
         request's time."""
         batch, width, t = decoder_in.shape
-        pos = torch.arange(width * t, device=decoder_in.device)
-        same_beam = (pos[:, None] // t) == (pos[None, :] // t)
-        allowed = (same_beam & (pos[None, :] <= pos[:, None]))[None, None]  # (1, 1, W·t, W·t)
+        allowed = beams_side_by_side_mask(width, t, decoder_in.device)[None, None]  # (1, 1, W·t, W·t)
         out = self.decoder(input_ids=decoder_in.reshape(batch, width * t), attention_mask=allowed,
                            encoder_hidden_states=encoded, encoder_attention_mask=mask, past_key_values=cache)
         return out.last_hidden_state.reshape(batch, width, t, -1)
