@@ -164,15 +164,12 @@ def markdown_table(header: list[str], cells: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(c) + " |" for c in cells]
 
 
-def write_markdown(
-    path: Path, dataset: str, manifest: dict, rows: list[dict], exclude_seen: bool, champion: str,
-    seeds: list, tests: dict, references: dict[str, list[str]], notes: list[str] = (),
-) -> None:
-    lines = [f"# Evaluation on `{dataset}`", "", *protocol_lines(manifest, exclude_seen, champion, seeds), "",
-             *markdown_table(*result_table(rows, exclude_seen))]
-    header, cells = significance_table(rows, tests, references)
-    if cells:
-        lines += ["", SIGNIFICANCE_NOTE, "", *markdown_table(header, cells)]
+def write_markdown(path: Path, dataset: str, protocol: list[str], comparison: tuple[list[str], list[list[str]]],
+                   significance: tuple[list[str], list[list[str]]], notes: list[str] = ()) -> None:
+    """``eval.md`` from the tables ``result_table`` and ``significance_table`` built (the HTML page uses the same)."""
+    lines = [f"# Evaluation on `{dataset}`", "", *protocol, "", *markdown_table(*comparison)]
+    if significance[1]:
+        lines += ["", SIGNIFICANCE_NOTE, "", *markdown_table(*significance)]
     lines += notes
     atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
 
@@ -277,19 +274,17 @@ def run_report(dataset: str, models: list[str], *, raw_dir=None, data_root=None,
         out_dir = out_root / ds.manifest["name"]
         out_dir.mkdir(parents=True, exist_ok=True)
         exclude_seen = next(iter(runs.values()))[0].metrics["exclude_seen"]
-        write_markdown(out_dir / "eval.md", ds.manifest["name"], ds.manifest, rows, exclude_seen, champion, seeds,
-                       tests, references, notes)
+        protocol = protocol_lines(ds.manifest, exclude_seen, champion, seeds)
+        comparison, compared = result_table(rows, exclude_seen), significance_table(rows, tests, references)
+        write_markdown(out_dir / "eval.md", ds.manifest["name"], protocol, comparison, compared, notes)
         table = io.StringIO()
         writer = csv.DictWriter(table, fieldnames=COLUMNS, lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
         atomic_write_bytes(out_dir / "eval.csv", table.getvalue().encode())
         figure = write_figure(out_dir / "eval.png", ds.manifest["name"], runs)
-        protocol = protocol_lines(ds.manifest, exclude_seen, champion, seeds)
         write_html(out_dir / "report.html", ds.manifest["name"], dataset_statistics(ds), protocol,
-                   [("Comparison", "", *result_table(rows, exclude_seen)),
-                    ("Significance", SIGNIFICANCE_NOTE, *significance_table(rows, tests, references))],
-                   figure, notes)
+                   [("Comparison", "", *comparison), ("Significance", SIGNIFICANCE_NOTE, *compared)], figure, notes)
         if track:
             from recsys.tracking import log_report
 
