@@ -108,7 +108,7 @@ def training_seconds_per_1000_targets(model, steps: int, seed: int = 0) -> dict:
         optimizer.step()
         if step:  # the first step warms up
             seconds += time.perf_counter() - start
-            targets += int((batch.targets != 0).sum()) if model.name == "sid_decoder" else len(batch.items)
+            targets += int(model.supervision.positions(batch).sum())  # the targets this step's loss covers
     model.eval()
     return {"steps": steps, "targets": targets, "seconds_per_1000_targets": 1000 * seconds / targets}
 
