@@ -20,7 +20,7 @@ ENGINE ?=
 SPARK_MASTER ?=
 RECSYS_JOB = $(if $(NPROC),$(VENV)/bin/torchrun --nproc-per-node $(NPROC) -m recsys,$(VENV)/bin/recsys)
 
-.PHONY: setup test test-slow test-triton test-spark eval serve mlflow-ui bench bench-kernels bench-kernels-gpu bench-serving bench-generative bench-bsarec lint clean
+.PHONY: setup test test-slow test-triton test-spark eval serve mlflow-ui bench bench-kernels bench-kernels-gpu bench-serving bench-serving-load bench-generative bench-bsarec lint clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found (set PYTHON=...)"; exit 1; }
@@ -79,6 +79,12 @@ bench-kernels-gpu: $(STAMP)
 # and a synthetic 1,000,000-item catalogue; about 5 minutes on 2 cores.
 bench-serving: $(STAMP)
 	$(PY) tests/benchmarks/serving.py $(if $(BUNDLE),--bundle $(BUNDLE))
+
+# The service under wrk (Debian's, installed when missing): load against the in-run baseline, overload (503 +
+# Retry-After), slow clients, and a 200,000-request soak with hot reloads; about 12 minutes on 2 cores.
+bench-serving-load: $(STAMP)
+	command -v wrk >/dev/null || apt-get install -y -q wrk
+	$(PY) tests/benchmarks/serving_load.py $(if $(BUNDLE),--bundle $(BUNDLE))
 
 # TIGER's beam search per request (k = 10) beside SASRec's scoring, on a Beauty-sized catalogue; about 2 minutes.
 # TEXT_CACHE: Beauty's cached MiniLM item embeddings (.npy), for the real trie; random unit vectors without it.

@@ -2,12 +2,15 @@
 
 Everything a client can send is validated by the schemas (422), limited in size (413), authenticated when an
 API key is configured (401), or refers to something that does not exist (404) or is not allowed (403); no client
-input reaches a 500. Model work runs in one inference thread fed by the micro-batcher, never on the event loop.
+input reaches a 500. Model work runs in one inference thread fed by the micro-batcher, never on the event loop;
+when its queue is full a request is refused at once with 503 and Retry-After (a client may retry; nothing waits
+without bound).
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import hmac
 import time
 from contextlib import asynccontextmanager
@@ -16,7 +19,7 @@ import numpy as np
 from fastapi import Depends, FastAPI, HTTPException, Query as QueryParam, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
-from serving.batcher import MicroBatcher
+from serving.batcher import MicroBatcher, QueueFull
 from serving.metrics import Metrics
 from serving.model import Query, ServedModel, SourceNotAllowed, champion_uri, load_served_model
 from serving.schemas import (BatchRecommendRequest, BatchRecommendResponse, ItemResponse, ModelsResponse,
@@ -32,7 +35,8 @@ class ServiceState:
         self.models: dict[str, ServedModel] = {}
         self.default: str | None = None
         self.metrics = Metrics()
-        self.batcher = MicroBatcher(settings.max_batch, settings.max_wait_ms, self.metrics.observe_batch)
+        self.batcher = MicroBatcher(settings.max_batch, settings.max_wait_ms, settings.max_queue,
+                                    self.metrics.observe_batch)
         self.reload_lock = asyncio.Lock()
 
     def served(self, name: str | None) -> ServedModel:
@@ -49,6 +53,17 @@ class ServiceState:
                 raise ValueError(f"two sources serve a model named {served.name!r}")
             self.models[served.name] = served
             self.default = self.default or served.name
+        freeze_loaded_objects()
+
+
+def freeze_loaded_objects() -> None:
+    """Move everything alive now (the libraries, the loaded models' id maps and titles) out of the garbage
+    collector's reach: a full collection then walks only what requests allocate, instead of ~250,000 long-lived
+    objects, which showed up as p99 stalls under load (docs/benchmarks.md). Unfreezing first lets the collection
+    free a model replaced by a reload even where its objects form cycles."""
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
 
 
 class BodyLimit:
@@ -156,9 +171,13 @@ def create_app(settings: ServiceSettings | None = None, state: ServiceState | No
         for i, (served, _, _) in enumerate(prepared):
             groups.setdefault(id(served), []).append(i)
         ranked: list = [None] * len(prepared)
-        results = await asyncio.gather(*[
-            state.batcher.submit(prepared[members[0]][0], [prepared[i][1] for i in members])
-            for members in groups.values()])
+        try:
+            results = await asyncio.gather(*[
+                state.batcher.submit(prepared[members[0]][0], [prepared[i][1] for i in members])
+                for members in groups.values()])
+        except QueueFull as err:
+            raise HTTPException(503, f"overloaded, retry later: {err}",
+                                headers={"Retry-After": str(settings.retry_after_s)}) from err
         for members, result in zip(groups.values(), results):
             for i, r in zip(members, result):
                 ranked[i] = r
@@ -233,6 +252,7 @@ def create_app(settings: ServiceSettings | None = None, state: ServiceState | No
                 state.default = fresh.name if state.default == current.name else state.default
             state.models[fresh.name] = fresh  # one reference swap: new requests see the new version
             state.metrics.reloads["ok"] += 1
+        await asyncio.to_thread(freeze_loaded_objects)
         return ReloadResponse(model=fresh.name, previous_version=current.version, version=fresh.version,
                               source=source)
 

@@ -5,6 +5,9 @@ Requests are queued; one worker takes the first waiting request, drains whatever
 While a batch runs, new requests pile up and form the next one, so batches grow with the load without a fixed
 delay at low load. Each job carries the ``ServedModel`` it was resolved against, so a hot reload never changes
 the model under a request already in flight.
+
+The queue is bounded (``max_queue`` queries waiting for a batch): past it, ``submit`` refuses at once with
+``QueueFull`` (the service answers 503 with Retry-After) instead of letting every request's wait grow without end.
 """
 
 from __future__ import annotations
@@ -16,10 +19,17 @@ from typing import Any, Callable
 from serving.model import Query, ServedModel
 
 
+class QueueFull(Exception):
+    """More queries are waiting for a batch than the queue holds."""
+
+
 class MicroBatcher:
-    def __init__(self, max_batch: int, max_wait_ms: float, on_batch: Callable[[int], None] | None = None):
+    def __init__(self, max_batch: int, max_wait_ms: float, max_queue: int,
+                 on_batch: Callable[[int], None] | None = None):
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0
+        self.max_queue = max_queue
+        self.waiting = 0  # queries submitted and not yet taken into a batch
         self.on_batch = on_batch or (lambda size: None)
         self.executor: ThreadPoolExecutor | None = None
         self.queue: asyncio.Queue | None = None
@@ -41,9 +51,13 @@ class MicroBatcher:
         self.executor.shutdown(wait=True)
 
     async def submit(self, served: ServedModel, queries: list[Query]) -> list[Any]:
-        """Rank ``queries`` with ``served`` as part of the next micro-batch."""
+        """Rank ``queries`` with ``served`` as part of the next micro-batch; ``QueueFull`` when the queue is full
+        (a request larger than the whole queue is still taken when nothing else waits)."""
+        if self.waiting and self.waiting + len(queries) > self.max_queue:
+            raise QueueFull(f"{self.waiting} queries are waiting (queue of {self.max_queue})")
         future = asyncio.get_running_loop().create_future()
-        await self.queue.put((served, queries, future))
+        self.waiting += len(queries)
+        self.queue.put_nowait((served, queries, future))
         return await future
 
     async def run_in_thread(self, fn: Callable, *args) -> Any:
@@ -53,6 +67,7 @@ class MicroBatcher:
     async def _collect(self) -> list:
         jobs = [await self.queue.get()]
         size = len(jobs[0][1])
+        self.waiting -= size
         deadline = asyncio.get_running_loop().time() + self.max_wait
         while size < self.max_batch:
             if self.queue.empty():
@@ -67,6 +82,7 @@ class MicroBatcher:
                 job = self.queue.get_nowait()
             jobs.append(job)
             size += len(job[1])
+            self.waiting -= len(job[1])
         return jobs
 
     async def _run(self) -> None:

@@ -17,7 +17,8 @@ def cmd_serve(args) -> int:
 
     index = IndexSettings(exact_max_items=args.exact_max_items, approximate=args.approximate_index)
     settings = ServiceSettings(bundles=args.bundle or [], model_uris=args.model_uri or [], index=index,
-                               max_batch=args.max_batch, max_wait_ms=args.max_wait_ms)
+                               max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                               max_queue=args.max_queue)
     print(f"serving on http://{args.host}:{args.port} (OpenAPI at /docs)", file=sys.stderr)
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level,
                 access_log=False)
@@ -32,6 +33,8 @@ def add_serve_command(sub) -> None:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--max-batch", type=int, default=64, help="most queries per inference micro-batch")
+    serve.add_argument("--max-queue", type=int, default=256,
+                       help="most queries waiting for a micro-batch; past it requests get 503 with Retry-After")
     serve.add_argument("--max-wait-ms", type=float, default=0.0, help="how long a micro-batch may wait to fill")
     serve.add_argument("--exact-max-items", type=int, default=100_000,
                        help="largest catalogue searched exactly; above it an approximate index tuned to recall@10 0.95")

@@ -40,6 +40,10 @@ class ServiceSettings(BaseModel):
     # how long a micro-batch may wait to fill; 0: batches form only from requests that queued while the previous
     # batch ran (no added latency at low load; measured the same throughput at concurrency 32 as 1 ms)
     max_wait_ms: float = Field(0.0, ge=0.0)
+    # queries that may wait for a micro-batch; past it requests get 503 with Retry-After at once, so a burst
+    # beyond capacity is refused quickly instead of making every request wait longer
+    max_queue: int = Field(256, ge=1)
+    retry_after_s: int = Field(1, ge=0)
     max_history: int = Field(10_000, ge=1)  # longest history a request may send (the model keeps its max_len)
     index: IndexSettings = Field(default_factory=IndexSettings)
 

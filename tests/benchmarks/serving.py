@@ -1,7 +1,7 @@
 """Serving benchmark (not a test): ``recsys serve`` in its own process, driven over HTTP on 127.0.0.1 from this
 process (issue [4]). Writes reports/benchmarks/serving.json.
 
-1. SASRec trained on Amazon Beauty (``--bundle``; default runs/amazon-beauty/sasrec, trained first when missing):
+1. SASRec trained on Amazon Beauty (``--bundle``; default runs/amazon-beauty/sasrec/seed-42, trained when missing):
    - latency at concurrency 1 (p50/p95/p99 over ``--latency-requests`` sequential requests);
    - throughput at concurrency 32 over ``--requests`` requests, with two hot reloads during the load; errors
      and failed reloads are counted;
@@ -22,9 +22,6 @@ import json
 import os
 import platform
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -37,53 +34,7 @@ sys.path.insert(0, str(REPO))
 import httpx  # noqa: E402
 
 from kernels.atomic import atomic_write_bytes  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """``recsys serve`` in its own session (so the whole group stops), ready when /readyz says so."""
-
-    def __init__(self, bundle: Path, *extra: str, roots: list[Path], cache: Path, timeout: float = 1800):
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "RECSYS_BUNDLE_ROOTS": os.pathsep.join(map(str, roots)),
-               "RECSYS_SERVING_CACHE": str(cache)}
-        self.log = open(cache / f"server-{self.port}.log", "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "recsys.cli", "serve", "--bundle", str(bundle),
-                                      "--port", str(self.port), *extra], cwd=REPO, env=env, stdout=self.log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-        start = time.monotonic()
-        while time.monotonic() - start < timeout:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited; see {self.log.name}")
-            try:
-                if httpx.get(f"{self.base}/readyz", timeout=2).status_code == 200:
-                    self.startup_seconds = time.monotonic() - start
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise RuntimeError("server not ready in time")
-
-    def stop(self) -> None:
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout=30)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.log.close()
-
-
-def histories(item_ids: np.ndarray, popularity: np.ndarray, n: int, seed: int = 0) -> list[list[str]]:
-    rng = np.random.default_rng(seed)
-    p = popularity / popularity.sum()
-    return [list(item_ids[rng.choice(len(item_ids), rng.integers(1, 51), p=p)]) for _ in range(n)]
+from served import Server, beauty_bundle, histories  # noqa: E402
 
 
 def summary(latencies: list[float], seconds: float, errors: int) -> dict:
@@ -160,19 +111,6 @@ async def drive(base: str, bodies: list[dict], concurrency: int, total: int, rel
     if reload_after:
         out["reload_statuses"] = reloads
     return out
-
-
-def beauty_bundle(path: Path | None) -> Path:
-    if path is not None:
-        return path
-    default = REPO / "runs" / "amazon-beauty" / "sasrec"
-    if not (default / "config.json").is_file():
-        from recsys.run import train_run
-
-        raw = REPO.parent / "shared" / "data" / "amazon-beauty"
-        print(f"training SASRec on Amazon Beauty into {default} (one time)", file=sys.stderr)
-        train_run("sasrec", "amazon-beauty", raw_dir=raw, out_dir=default, track=False)
-    return default
 
 
 def bench_beauty(bundle: Path, args, cache: Path) -> dict:

@@ -4,6 +4,7 @@ load, metrics. The real-uvicorn integration test is tests/serving/test_serving_i
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import httpx
 import numpy as np
@@ -201,6 +202,43 @@ def test_hot_reload_under_concurrent_load_fails_no_request(tmp_path, bundles):
     assert reload_codes == [200, 200, 200]
     assert all(code == 200 for statuses in users for code in statuses)
     assert len(versions) == 2  # both versions answered
+
+
+def test_a_full_queue_answers_503_with_retry_after_and_the_service_recovers(tmp_path, bundles):
+    """With the inference thread held busy, at most ``max_queue`` queries wait (plus one batch taken); the rest are
+    refused at once with 503 and Retry-After, and everything admitted is answered once the thread is free."""
+    app = create_app(settings_for(tmp_path, bundles, "a", max_batch=2, max_queue=4))
+    batcher = app.state.service.batcher
+
+    async def scenario():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            gate = threading.Event()
+            busy = asyncio.ensure_future(batcher.run_in_thread(gate.wait))
+            await asyncio.sleep(0.05)
+            sent = [asyncio.ensure_future(c.post("/v1/recommend", json={"history": [f"it{i + 1}"], "k": 3}))
+                    for i in range(12)]
+            await asyncio.sleep(0.3)
+            refused = [f.result() for f in sent if f.done()]
+            waiting = batcher.waiting
+            gate.set()
+            await busy
+            answered = await asyncio.gather(*sent)
+            after = await c.post("/v1/recommend", json={"history": ["it1"], "k": 3})
+            return refused, waiting, answered, after, (await c.get("/metrics")).text
+
+    async def with_lifespan():
+        async with app.router.lifespan_context(app):
+            return await scenario()
+
+    refused, waiting, answered, after, metrics = asyncio.run(with_lifespan())
+    assert waiting == 4 and 6 <= len(refused) <= 8  # 12 sent: 4 wait, up to 2 in the batch taken, the rest refused
+    for response in refused:
+        assert response.status_code == 503 and response.headers["retry-after"] == "1"
+        assert "overloaded" in response.json()["detail"]
+    assert sorted(r.status_code for r in answered).count(200) == 12 - len(refused)
+    assert after.status_code == 200 and batcher.waiting == 0
+    assert f'route="/v1/recommend",status="503"}} {len(refused)}' in metrics
 
 
 def test_metrics_expose_counts_latency_batches_and_versions(client):

@@ -20,6 +20,7 @@ from hypothesis.errors import Unsatisfiable
 from tests.serving_fixtures import make_bundle
 
 KEY = "integration-key"
+ADMIN_KEY = "integration-admin-key"
 
 
 def free_port() -> int:
@@ -33,8 +34,9 @@ def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     first, second = make_bundle(root / "bundles" / "v1", seed=0), make_bundle(root / "bundles" / "v2", seed=1)
     port = free_port()
-    env = {**os.environ, "RECSYS_API_KEY": KEY, "RECSYS_BUNDLE_ROOTS": str(root / "bundles"),
-           "RECSYS_SERVING_CACHE": str(root / "cache"), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "RECSYS_API_KEY": KEY, "RECSYS_ADMIN_API_KEY": ADMIN_KEY,
+           "RECSYS_BUNDLE_ROOTS": str(root / "bundles"), "RECSYS_SERVING_CACHE": str(root / "cache"),
+           "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "recsys.cli", "serve", "--bundle", str(first), "--port", str(port)],
                             cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
@@ -75,7 +77,9 @@ def test_recommend_batch_similar_reload_and_metrics_over_http(server, http):
     assert batch[0] == body and batch[1]["fallback"] == "popularity"
     similar = http.get("/v1/items/it3/similar", params={"k": 4}).json()
     assert len(similar["items"]) == 4 and "it3" not in [it["item_id"] for it in similar["items"]]
-    reloaded = http.post("/v1/models/reload", json={"source": str(server["bundles"][1])}).json()
+    assert http.post("/v1/models/reload", json={}).status_code == 401  # the client key is not the admin key
+    reloaded = http.post("/v1/models/reload", json={"source": str(server["bundles"][1])},
+                         headers={"X-API-Key": ADMIN_KEY}).json()
     assert reloaded["previous_version"] == body["version"] != reloaded["version"]
     assert http.post("/v1/recommend", json={"history": ["it3"]}).json()["version"] == reloaded["version"]
     metrics = http.get("/metrics").text
@@ -85,26 +89,34 @@ def test_recommend_batch_similar_reload_and_metrics_over_http(server, http):
 
 
 def test_fuzzed_requests_never_get_a_server_error(server):
-    """Every operation of the OpenAPI schema, with bodies, paths and queries generated from it (valid and
-    invalid), 30 examples each per mode: any status but 5xx is fine."""
+    """Every operation of the OpenAPI schema (the admin reload route included), with bodies, paths and queries
+    generated from it (valid and invalid), 20 examples per generation mode, sent with no key, the client key and
+    the admin key: any status but 5xx is fine."""
     schema = schemathesis.openapi.from_url(f"{server['base']}/openapi.json", headers={"X-API-Key": KEY})
     failures, calls = [], []
     operations = [result.ok() for result in schema.get_all_operations()]
-    for operation, mode in itertools.product(operations, schemathesis.GenerationMode):
+    keys = {"no key": {}, "client key": {"X-API-Key": KEY}, "admin key": {"X-API-Key": ADMIN_KEY}}
+    for operation, mode, (who, headers) in itertools.product(operations, schemathesis.GenerationMode, keys.items()):
 
         @given(case=operation.as_strategy(generation_mode=mode))
-        @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        @settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck), database=None)
         def call(case):
-            response = case.call(headers={"X-API-Key": KEY}, timeout=30)
-            calls.append(response.status_code)
+            response = case.call(headers=headers, timeout=30)
+            calls.append((operation.path, who, response.status_code))
             if response.status_code >= 500:
-                failures.append(f"{case.method} {case.formatted_path} {case.body!r:.200} -> "
+                failures.append(f"{case.method} {case.formatted_path} ({who}) {case.body!r:.200} -> "
                                 f"{response.status_code}: {response.text[:300]}")
 
         try:
             call()
         except Unsatisfiable:  # nothing can be invalid about an operation without inputs (GET /healthz)
             pass
+    print(f"schemathesis: {len(calls)} cases over {len(operations)} operations, "
+          f"{sum(code >= 500 for _, _, code in calls)} server errors")
     assert not failures, "\n".join(failures[:10])
-    assert len(operations) >= 9 and len(calls) >= 9 * 2 * 10  # every operation, both modes, really exercised
-    assert any(code == 200 for code in calls) and any(400 <= code < 500 for code in calls)
+    assert len(operations) >= 9 and len(calls) >= 9 * 2 * 3 * 5  # every operation, mode and key really exercised
+    by_key = {who: [code for _, w, code in calls if w == who] for who in keys}
+    assert 401 in by_key["no key"] and 200 in by_key["client key"]
+    reload = {who: {code for path, w, code in calls if path == "/v1/models/reload" and w == who} for who in keys}
+    assert 401 in reload["client key"] and 200 not in reload["client key"]  # malformed bodies may get 400/422 first
+    assert reload["admin key"] - {401}
