@@ -20,7 +20,8 @@ ENGINE ?=
 SPARK_MASTER ?=
 RECSYS_JOB = $(if $(NPROC),$(VENV)/bin/torchrun --nproc-per-node $(NPROC) -m recsys,$(VENV)/bin/recsys)
 
-.PHONY: setup test test-slow test-triton test-spark eval serve mlflow-ui bench bench-kernels bench-kernels-gpu bench-serving bench-serving-load bench-generative bench-bsarec lint clean
+.PHONY: setup test test-slow test-triton test-spark test-browser eval serve mlflow-ui bench bench-kernels bench-kernels-gpu \
+	bench-serving bench-serving-load bench-generative bench-bsarec lint clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found (set PYTHON=...)"; exit 1; }
@@ -48,6 +49,15 @@ test-triton: $(STAMP)
 test-spark: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[dev,spark]'
 	$(PY) -m pytest -q -m spark
+
+# The MLflow UI of a small report and its report.html in headless Chromium (installs the [browser] extra; Debian's
+# chromium and chromium-driver are apt-installed when missing; Selenium never downloads a driver). Screenshots go to
+# reports/browser/.
+test-browser: $(STAMP)
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; }
+	$(PY) -m pip install --quiet -e '.[dev,browser]'
+	SE_OFFLINE=1 $(PY) -m pytest -q -m browser
 
 eval: $(STAMP)
 	$(if $(filter spark,$(ENGINE)),$(PY) -m pip install --quiet -e '.[spark]')

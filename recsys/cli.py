@@ -99,6 +99,10 @@ def cmd_distill(args) -> int:
     return 0
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def cmd_mlflow_ui(args) -> int:
     from recsys.tracking import tracking_uri
 
@@ -107,10 +111,12 @@ def cmd_mlflow_ui(args) -> int:
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
                "--port", str(args.port)]
-    # mlflow's helper processes outlive a plain kill of the parent: run it in its own session, stop the group.
+    # mlflow's helper processes outlive a plain kill of the parent: run it in its own session, stop the group on
+    # Ctrl-C and on SIGTERM (a service manager's stop, a test's teardown), which would otherwise orphan it
+    signal.signal(signal.SIGTERM, _interrupt)
     proc = subprocess.Popen(command, start_new_session=True)
-    print(f"MLflow dashboard on http://{args.host}:{args.port} (store {uri}); Ctrl-C stops it", file=sys.stderr)
     try:
+        print(f"MLflow dashboard on http://{args.host}:{args.port} (store {uri}); Ctrl-C stops it", file=sys.stderr)
         return proc.wait()
     except KeyboardInterrupt:
         os.killpg(proc.pid, signal.SIGTERM)
