@@ -22,6 +22,7 @@ same trained models."""
 from __future__ import annotations
 
 import csv
+import json
 import io
 import sys
 from pathlib import Path
@@ -112,6 +113,11 @@ def significance(runs: dict[str, list[RunResult]], references: dict[str, list[st
 
 def fmt(mean: float, sd: float, seeds: int) -> str:
     return f"{mean:.4f} ± {sd:.4f}" if seeds > 1 else f"{mean:.4f}"
+
+
+def run_seed(run: RunResult) -> int:
+    """The seed a run trained with (each model's configured one when the report was given none)."""
+    return json.loads((run.bundle_dir / "config.json").read_text())["train_config"]["seed"]
 
 
 def protocol_lines(manifest: dict, exclude_seen: bool, champion: str, seeds: list) -> list[str]:
@@ -274,7 +280,8 @@ def run_report(dataset: str, models: list[str], *, raw_dir=None, data_root=None,
         out_dir = out_root / ds.manifest["name"]
         out_dir.mkdir(parents=True, exist_ok=True)
         exclude_seen = next(iter(runs.values()))[0].metrics["exclude_seen"]
-        protocol = protocol_lines(ds.manifest, exclude_seen, champion, seeds)
+        used = seeds if by_seed or seed is not None else sorted({run_seed(r) for rs in runs.values() for r in rs})
+        protocol = protocol_lines(ds.manifest, exclude_seen, champion, used)
         comparison, compared = result_table(rows, exclude_seen), significance_table(rows, tests, references)
         write_markdown(out_dir / "eval.md", ds.manifest["name"], protocol, comparison, compared, notes)
         table = io.StringIO()

@@ -94,6 +94,7 @@ def test_report_writes_table_csv_figure_and_sets_champion(small_dataset, tmp_pat
     report = tmp_path / "reports" / name
     table = (report / "eval.md").read_text()
     assert "| pop |" in table and "| sasrec |" in table
+    assert "Seeds: 42." in table  # no --seeds: the seed each model trained with (its default), never "None"
     assert (report / "eval.csv").read_text().startswith("model,hr@10,ndcg@10,mrr")
     assert (report / "eval.png").stat().st_size > 10_000
 
