@@ -27,10 +27,10 @@ from recsys.losses import LossSettings, build_loss
 from recsys.models.base import ModelConfig, SequentialModel, register
 from recsys.nn import FastDropout, FeedForward, ItemEmbedding, MultiHeadSelfAttention, normal_init
 from recsys.supervision import LastPosition
-from recsys.text_init import TextInitialised, TextInitSettings
+from recsys.item_init import ItemInitialised, ItemInitSettings
 
 
-class BSARecConfig(TextInitSettings, LossSettings, ModelConfig):
+class BSARecConfig(ItemInitSettings, LossSettings, ModelConfig):
     """The paper's Beauty settings (its README and logged run): d 64, 2 layers, 1 head, dropout 0.5, α 0.7, c 5."""
 
     hidden_size: int = 64
@@ -72,7 +72,7 @@ class BSARecBlock(nn.Module):
 
 
 @register
-class BSARec(TextInitialised, SequentialModel):
+class BSARec(ItemInitialised, SequentialModel):
     name = "bsarec"
     Config = BSARecConfig
     # the reference's optimiser: Adam lr 5e-4 constant, default betas, no clipping or weight decay, batch 256,

@@ -23,12 +23,12 @@ from recsys.losses import LossSettings, build_loss
 from recsys.models.base import ModelConfig, SequentialModel, register
 from recsys.intents import IntentContrast, IntentSettings
 from recsys.reasoning import Reasoning, ReasoningSettings
-from recsys.text_init import TextInitialised, TextInitSettings
+from recsys.item_init import ItemInitialised, ItemInitSettings
 from recsys.nn import (FeedForward, GatedTransformerLayer, ItemEmbedding, MultiHeadSelfAttention, PositionEmbedding,
                        xavier_init)
 
 
-class SASRecConfig(TextInitSettings, ReasoningSettings, IntentSettings, LossSettings, ModelConfig):
+class SASRecConfig(ItemInitSettings, ReasoningSettings, IntentSettings, LossSettings, ModelConfig):
     hidden_size: int = 64
     num_blocks: int = 2
     num_heads: int = 1
@@ -53,7 +53,7 @@ class SASRecBlock(nn.Module):
 
 
 @register
-class SASRec(TextInitialised, Reasoning, IntentContrast, SequentialModel):
+class SASRec(ItemInitialised, Reasoning, IntentContrast, SequentialModel):
     name = "sasrec"
     Config = SASRecConfig
 
