@@ -177,9 +177,10 @@ def log_report(experiment: str, files: list[Path], description: str) -> str:
     return tracker.run_id
 
 
-def set_champion(model_name: str, version: str, candidates: list[str]) -> None:
+def set_champion(model_name: str, version: str, candidates: list[str], attempts: int = 3) -> None:
     """Point the ``champion`` alias at ``recsys-<model>`` version ``version`` and remove it from the others,
-    so exactly one registered model carries it."""
+    so exactly one registered model carries it (of ``candidates``; two reports of different model lists each move
+    it among their own)."""
     from mlflow.exceptions import MlflowException
 
     client = open_client()
@@ -189,7 +190,16 @@ def set_champion(model_name: str, version: str, candidates: list[str]) -> None:
                 client.delete_registered_model_alias(registered_name(other), "champion")
             except MlflowException:
                 pass
-    client.set_registered_model_alias(registered_name(model_name), "champion", version)
+    for attempt in range(attempts):
+        try:
+            client.set_registered_model_alias(registered_name(model_name), "champion", version)
+            return
+        except MlflowException as exc:
+            # Two reports finishing together both find no `champion` row and both insert one: the store refuses
+            # the second (a unique-constraint error, BAD_REQUEST) and the report died before writing eval.md.
+            # Setting it again updates the row the other report wrote: the later report's choice stands.
+            if exc.error_code != "BAD_REQUEST" or attempt == attempts - 1:
+                raise
 
 
 class RunLog:
