@@ -20,7 +20,7 @@ ENGINE ?=
 SPARK_MASTER ?=
 RECSYS_JOB = $(if $(NPROC),$(VENV)/bin/torchrun --nproc-per-node $(NPROC) -m recsys,$(VENV)/bin/recsys)
 
-.PHONY: setup test test-slow test-triton test-spark eval serve mlflow-ui bench bench-kernels bench-kernels-gpu bench-serving bench-generative bench-bsarec lint clean
+.PHONY: setup test test-slow test-triton test-spark test-tracking eval serve mlflow-ui bench bench-kernels bench-kernels-gpu bench-serving bench-generative bench-bsarec lint clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found (set PYTHON=...)"; exit 1; }
@@ -48,6 +48,17 @@ test-triton: $(STAMP)
 test-spark: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[dev,spark]'
 	$(PY) -m pytest -q -m spark
+
+# Two `recsys report` at once into one MLflow store, 10 times on SQLite and 10 times through an `mlflow server` on a
+# real PostgreSQL that the test starts and stops as the postgres user (docs/operations.md). Installs the [postgres]
+# extra, and Debian's postgresql when initdb is neither on PATH nor in /usr/lib/postgresql/*/bin.
+SUDO = $(if $(filter 0,$(shell id -u)),,sudo)
+test-tracking: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[dev,postgres]'
+	@command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+		echo "installing Debian's postgresql"; \
+		$(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; }
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -rP -m tracking
 
 eval: $(STAMP)
 	$(if $(filter spark,$(ENGINE)),$(PY) -m pip install --quiet -e '.[spark]')
