@@ -20,8 +20,8 @@ ENGINE ?=
 SPARK_MASTER ?=
 RECSYS_JOB = $(if $(NPROC),$(VENV)/bin/torchrun --nproc-per-node $(NPROC) -m recsys,$(VENV)/bin/recsys)
 
-.PHONY: setup test test-slow test-triton test-spark test-browser eval serve mlflow-ui bench bench-kernels bench-kernels-gpu \
-	bench-serving bench-serving-load bench-generative bench-bsarec lint clean
+.PHONY: setup test test-slow test-triton test-spark test-browser test-tracking eval serve mlflow-ui bench bench-kernels \
+	bench-kernels-gpu bench-serving bench-serving-load bench-generative bench-bsarec lint clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found (set PYTHON=...)"; exit 1; }
@@ -58,6 +58,17 @@ test-browser: $(STAMP)
 		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; }
 	$(PY) -m pip install --quiet -e '.[dev,browser]'
 	SE_OFFLINE=1 $(PY) -m pytest -q -m browser
+
+# Two `recsys report` at once into one MLflow store, 10 times on SQLite and 10 times through an `mlflow server` on a
+# real PostgreSQL that the test starts and stops as the postgres user (docs/operations.md). Installs the [postgres]
+# extra, and Debian's postgresql when initdb is neither on PATH nor in /usr/lib/postgresql/*/bin.
+SUDO = $(if $(filter 0,$(shell id -u)),,sudo)
+test-tracking: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[dev,postgres]'
+	@command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+		echo "installing Debian's postgresql"; \
+		$(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; }
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -rP -m tracking
 
 eval: $(STAMP)
 	$(if $(filter spark,$(ENGINE)),$(PY) -m pip install --quiet -e '.[spark]')

@@ -18,6 +18,37 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(DEFAULT_DIR / 'mlflow.db').resolve()}"
 
 
+_OPENED: set[str] = set()  # the SQLite stores this process has opened
+
+
+def open_client():
+    """An ``MlflowClient`` on ``tracking_uri()`` (also made the process's current tracking URI).
+
+    Opening a SQLite store that does not exist yet creates its tables by running MLflow's migrations, and two
+    processes doing that at once (two ``make eval`` started together on a fresh ``mlruns/``) break each other: one
+    dies with alembic's "Online migration expected to match one row". So the first opening of a SQLite store is
+    serialized by an exclusive lock on a file beside it; the second process then finds the tables and migrates
+    nothing. A server store (``http://``, ``postgresql://``) is created by its server once. Later openings in the
+    same process reuse MLflow's store object and take no lock."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    if not uri.startswith("sqlite:///") or uri in _OPENED:
+        return MlflowClient()
+    import fcntl
+
+    db = Path(uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        client = MlflowClient()  # builds the tracking store, which creates the tables
+        client.search_registered_models(max_results=1)  # and the registry store, checked against them
+    _OPENED.add(uri)
+    return client
+
+
 def registered_name(model_name: str) -> str:
     return f"recsys-{model_name}"
 
@@ -45,22 +76,15 @@ class Tracker:
         is tagged ``recsys.interrupted`` and marked FAILED if it still reads RUNNING (a process killed outright
         cannot end its run; one stopped by torchrun's SIGTERM ends it FAILED itself)."""
         import mlflow
-        from mlflow import MlflowClient
 
         self.mlflow = mlflow
-        uri = tracking_uri()
-        if uri.startswith("sqlite:///"):
-            Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        mlflow.set_tracking_uri(uri)
-        self.client = MlflowClient()
-        found = self.client.get_experiment_by_name(experiment)
-        if found is None:
-            location = None
-            if "MLFLOW_TRACKING_URI" not in os.environ:
-                location = (DEFAULT_DIR / "artifacts" / experiment).resolve().as_uri()
-            experiment_id = self.client.create_experiment(experiment, artifact_location=location)
-        else:
-            experiment_id = found.experiment_id
+        self.client = open_client()
+        location = None
+        if "MLFLOW_TRACKING_URI" not in os.environ:
+            location = (DEFAULT_DIR / "artifacts" / experiment).resolve().as_uri()
+        experiment_id = self._get_or_create(
+            lambda: getattr(self.client.get_experiment_by_name(experiment), "experiment_id", None),
+            lambda: self.client.create_experiment(experiment, artifact_location=location))
         self.experiment_id = experiment_id
         tags = dict(tags or {})
         interrupted = self._interrupted_run(run_id_file)
@@ -77,6 +101,23 @@ class Tracker:
             from kernels.atomic import atomic_write_bytes
 
             atomic_write_bytes(Path(run_id_file), self.run_id.encode())
+
+    @staticmethod
+    def _get_or_create(get, create):
+        """``get()``, else ``create()``. Two runs that start at once (two reports on one dataset) can both find
+        nothing and both create; the store refuses the second with RESOURCE_ALREADY_EXISTS (its unique
+        constraint), and the loser then takes what the winner created instead of failing its run."""
+        from mlflow.exceptions import MlflowException
+
+        found = get()
+        if found is not None:
+            return found
+        try:
+            return create()
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS" or (found := get()) is None:
+                raise
+            return found
 
     def _interrupted_run(self, run_id_file: Path | None) -> str | None:
         from mlflow.exceptions import MlflowException
@@ -103,8 +144,8 @@ class Tracker:
         """Log the bundle directory and register it as a new version of ``recsys-<model>``; returns the version."""
         self.mlflow.log_artifacts(str(bundle_dir), "bundle")
         name = registered_name(model_name)
-        if not self._registered(name):
-            self.client.create_registered_model(name)
+        self._get_or_create(lambda: name if self._registered(name) else None,
+                            lambda: self.client.create_registered_model(name).name)
         version = self.client.create_model_version(
             name, source=f"{self.run.info.artifact_uri}/bundle", run_id=self.run_id
         )
@@ -136,22 +177,29 @@ def log_report(experiment: str, files: list[Path], description: str) -> str:
     return tracker.run_id
 
 
-def set_champion(model_name: str, version: str, candidates: list[str]) -> None:
+def set_champion(model_name: str, version: str, candidates: list[str], attempts: int = 3) -> None:
     """Point the ``champion`` alias at ``recsys-<model>`` version ``version`` and remove it from the others,
-    so exactly one registered model carries it."""
-    import mlflow
-    from mlflow import MlflowClient
+    so exactly one registered model carries it (of ``candidates``; two reports of different model lists each move
+    it among their own)."""
     from mlflow.exceptions import MlflowException
 
-    mlflow.set_tracking_uri(tracking_uri())
-    client = MlflowClient()
+    client = open_client()
     for other in candidates:
         if other != model_name:
             try:
                 client.delete_registered_model_alias(registered_name(other), "champion")
             except MlflowException:
                 pass
-    client.set_registered_model_alias(registered_name(model_name), "champion", version)
+    for attempt in range(attempts):
+        try:
+            client.set_registered_model_alias(registered_name(model_name), "champion", version)
+            return
+        except MlflowException as exc:
+            # Two reports finishing together both find no `champion` row and both insert one: the store refuses
+            # the second (a unique-constraint error, BAD_REQUEST) and the report died before writing eval.md.
+            # Setting it again updates the row the other report wrote: the later report's choice stands.
+            if exc.error_code != "BAD_REQUEST" or attempt == attempts - 1:
+                raise
 
 
 class RunLog:
