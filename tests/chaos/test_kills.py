@@ -24,8 +24,9 @@ After every kill, the harness checks:
   result: the same dataset (content hash, manifest figures and tables), or bit-identical weights and the same valid
   and test metrics and training history, with its checkpoint removed.
 
-Two more tests kill a replacing build and a replacing retrain just before each rename that commits part of the
-artefact (through a Python audit hook in the killed process; no random moment lands inside those microseconds).
+Two more tests kill a replacing build and a replacing retrain just before each step that commits the artefact: each
+rename of it or of its parts, and the removal of the training's checkpoint (through a Python audit hook in the killed
+process; no random moment lands inside those microseconds).
 The tally (kills by kind and phase, half artefacts, lost artefacts, equal resumes) is printed and written to
 ``$CHAOS_REPORT`` (make test-chaos: reports/chaos.json), else to the test's temporary directory.
 """
@@ -64,7 +65,7 @@ SEED = int(os.environ.get("CHAOS_SEED", "27"))
 PLAN = {"inprocess-build": 16, "spark-build": 4, "train": 12, "torchrun-train": 8}  # 40 kills
 # CHAOS_PLAN="train=2,spark-build=1" runs fewer kills of some series (a quick look; the tally then asks for those)
 PLAN.update({k: int(v) for k, v in (p.split("=") for p in os.environ.get("CHAOS_PLAN", "").split(",") if p)})
-ACCEPTANCE = tuple(PLAN)  # the 40 random kills; the kills at each rename are counted beside them
+ACCEPTANCE = tuple(PLAN)  # the 40 random kills; the kills before each commit step are counted beside them
 PRE_ARTEFACT_SHARE = 0.2  # kills drawn in the time before the first artefact appears
 PAST_DONE = 1.15  # the window ends 15% past the moment the uninterrupted run had its result in place
 POLL = 0.01
@@ -647,28 +648,39 @@ def test_sigkill_during_torchrun_training(train_dataset, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# A kill just before each rename that commits part of an artefact
+# A kill just before each step that commits an artefact
 
-# Runs ``recsys ARGS`` in this process with an audit hook that counts the renames (os.rename, os.replace and
-# anything raising their audit event) whose source or destination is the artefact TARGET, inside it, or one of its
-# hidden temporaries, and SIGKILLs the process just before the NTH (0: never; the count goes to COUNT_FILE at exit).
-RENAME_KILLER = r"""
+# Runs ``recsys ARGS`` in this process with an audit hook that counts the steps committing the artefact TARGET: each
+# rename (os.rename, os.replace, anything raising their audit event) of TARGET, of a path inside it or of one of its
+# hidden temporaries, and the removal of its training checkpoint; it SIGKILLs the process just before the NTH
+# (0: never; the count goes to COUNT_FILE at exit).
+COMMIT_KILLER = r"""
 import atexit, os, runpy, signal, sys
 nth, count_file, target = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 args = sys.argv[sys.argv.index("--") + 1:]
 parent, name = os.path.split(target)
 temporary = os.path.join(parent, "." + name + ".")
+checkpoint = target + ".checkpoints/last.pt"
 seen = 0
 
 
-def commits_the_artefact(path):
-    path = os.fsdecode(path) if isinstance(path, (str, bytes, os.PathLike)) else ""
+def path_of(value):
+    return os.fsdecode(value) if isinstance(value, (str, bytes, os.PathLike)) else ""
+
+
+def part_of_the_artefact(path):
     return path == target or path.startswith(target + "/") or path.startswith(temporary)
 
 
 def hook(event, event_args):
     global seen
-    if event == "os.rename" and (commits_the_artefact(event_args[0]) or commits_the_artefact(event_args[1])):
+    if event == "os.rename":
+        commits = any(part_of_the_artefact(path_of(p)) for p in event_args[:2])
+    elif event == "os.remove":
+        commits = path_of(event_args[0]) == checkpoint
+    else:
+        return
+    if commits:
         seen += 1
         if seen == nth:
             os.kill(os.getpid(), signal.SIGKILL)
@@ -681,45 +693,46 @@ runpy.run_module("recsys", run_name="__main__", alter_sys=True)
 """
 
 
-def _killed_at_rename(nth: int, target: Path, args: list[str], cwd: Path, log: Path) -> int:
-    """Run ``recsys ARGS`` and kill it just before its ``nth`` rename of ``target`` (0: let it finish); the number
-    of such renames it made, or -1 when it was killed."""
-    count = cwd / f"renames-{nth}.txt"
-    proc = _start([sys.executable, "-c", RENAME_KILLER, str(nth), str(count), str(target), "--", *args], cwd, log)
+def _killed_at_commit(nth: int, target: Path, args: list[str], cwd: Path, log: Path) -> int:
+    """Run ``recsys ARGS`` and kill it just before its ``nth`` step committing ``target`` (0: let it finish); the
+    number of such steps it made, or -1 when it was killed."""
+    count = cwd / f"commits-{nth}.txt"
+    proc = _start([sys.executable, "-c", COMMIT_KILLER, str(nth), str(count), str(target), "--", *args], cwd, log)
     try:
         code = proc.wait(600)
     finally:
         _kill_group(proc)
     if nth:
-        assert code == -signal.SIGKILL, f"rename {nth} never came ({code}):\n{log.read_text()[-3000:]}"
+        assert code == -signal.SIGKILL, f"step {nth} never came ({code}):\n{log.read_text()[-3000:]}"
         return -1
     assert code == 0, log.read_text()[-3000:]
     return int(count.read_text())
 
 
-def _rename_series(name: str, target_of: Callable[[Path], Path], prepare: Callable[[Path], None],
-                   args_of: Callable[[Path], list[str]], resume_args_of: Callable[[Path], list[str]],
-                   half_written: Callable[[Path], dict[Path, list[str]]], new_differences: Callable[[Path], list[str]],
-                   resumed_differences: Callable[[Path], list[str]], work: Path) -> None:
-    """Count the renames of an uninterrupted replacing write, then kill one run just before each of them: the
+def _commit_step_series(name: str, target_of: Callable[[Path], Path], prepare: Callable[[Path], None],
+                        args_of: Callable[[Path], list[str]], resume_args_of: Callable[[Path], list[str]],
+                        half_written: Callable[[Path], dict[Path, list[str]]],
+                        new_differences: Callable[[Path], list[str]],
+                        resumed_differences: Callable[[Path], list[str]], work: Path) -> None:
+    """Count the commit steps of an uninterrupted replacing write, then kill one run just before each of them: the
     previous artefact or the complete new one is in place, nothing half-written looks complete, and the same
     command (resumed) ends with the uninterrupted result."""
     series = Series.begin(name)
     (work / "count").mkdir(parents=True)
     prepare(work / "count")
-    renames = _killed_at_rename(0, target_of(work / "count"), args_of(work / "count"), work / "count",
-                                work / "count.log")
+    steps = _killed_at_commit(0, target_of(work / "count"), args_of(work / "count"), work / "count",
+                              work / "count.log")
     assert not resumed_differences(work / "count"), "the uninterrupted replacing write differs from its reference"
-    assert renames >= 2, f"{renames} renames: the data files' and the directory's commits were expected"
-    for nth in range(1, renames + 1):
-        case = work / f"rename-{nth}"
+    assert steps >= 2, f"{steps} steps: the data files' and the directory's commits were expected"
+    for nth in range(1, steps + 1):
+        case = work / f"step-{nth}"
         case.mkdir()
         prepare(case)
         target = target_of(case)
         previous, before_tmp = _digests(target), _temporaries(target)
-        _killed_at_rename(nth, target, args_of(case), case, case / "killed.log")
+        _killed_at_commit(nth, target, args_of(case), case, case / "killed.log")
         in_place = _digests(target)
-        kill = {"kind": f"rename {nth} of {renames}", "moment": f"just before rename {nth}", "killed": "the process",
+        kill = {"kind": f"step {nth} of {steps}", "moment": f"just before commit step {nth}", "killed": "the process",
                 "phase": "previous in place" if in_place == previous else
                 ("new in place" if in_place else "nothing in place")}
         half = half_written(case)
@@ -734,24 +747,24 @@ def _rename_series(name: str, target_of: Callable[[Path], Path], prepare: Callab
     series.close()
 
 
-def test_a_kill_at_each_rename_of_a_rebuild_keeps_the_previous_dataset(inprocess_builds):
+def test_a_kill_before_each_commit_step_of_a_rebuild(inprocess_builds):
     setup, log = inprocess_builds, "b"
     target_of = lambda case: case / "data" / "processed" / "mine"  # noqa: E731
-    _rename_series(
-        "rename-build", target_of,
+    _commit_step_series(
+        "commit-steps-build", target_of,
         prepare=lambda case: shutil.copytree(setup.references["a"], target_of(case)),
         args_of=lambda case: setup.command(case / "data", log, force=False)[3:],
         resume_args_of=lambda case: setup.command(case / "data", log, force=False)[3:],
         half_written=lambda case: _datasets_half_written(case / "data"),
         new_differences=lambda case: _dataset_differences(target_of(case), setup.references[log]),
         resumed_differences=lambda case: _dataset_differences(target_of(case), setup.references[log]),
-        work=setup.work / "renames")
+        work=setup.work / "commit-steps")
 
 
-def test_a_kill_at_each_rename_of_a_retrain_keeps_the_previous_bundle(single_process_training):
+def test_a_kill_before_each_commit_step_of_a_retrain(single_process_training):
     setup = single_process_training
-    _rename_series(
-        "rename-train", lambda case: case / "bundle",
+    _commit_step_series(
+        "commit-steps-train", lambda case: case / "bundle",
         prepare=lambda case: shutil.copytree(setup.references[FIRST_SEED], case / "bundle"),
         args_of=lambda case: setup.command(case / "bundle", RETRAIN_SEED)[3:],
         resume_args_of=lambda case: setup.command(case / "bundle", RETRAIN_SEED, resume=True)[3:],
@@ -759,7 +772,7 @@ def test_a_kill_at_each_rename_of_a_retrain_keeps_the_previous_bundle(single_pro
         new_differences=lambda case: _bundle_differences(case / "bundle", setup.references[RETRAIN_SEED]),
         resumed_differences=lambda case: _resumed_training_differences(case / "bundle",
                                                                         setup.references[RETRAIN_SEED], case),
-        work=setup.work / "renames")
+        work=setup.work / "commit-steps")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -780,7 +793,7 @@ def test_tally_meets_the_acceptance(tmp_path):
         "half_artefacts": sum(TALLY[s]["half_artefacts"] for s in ACCEPTANCE),
         "lost_previous_artefacts": sum(TALLY[s]["lost_previous"] for s in ACCEPTANCE),
         "resumes_equal": sum(TALLY[s]["resumes_equal"] for s in ACCEPTANCE),
-        "kills_at_renames": {s: TALLY[s]["kills"] for s in TALLY if s not in ACCEPTANCE},
+        "kills_before_commit_steps": {s: TALLY[s]["kills"] for s in TALLY if s not in ACCEPTANCE},
         "series": TALLY,
     }
     path = Path(os.environ.get("CHAOS_REPORT") or tmp_path / "chaos.json")
