@@ -197,12 +197,14 @@ def _kill_at(proc: subprocess.Popen, moment: Moment, first_artefact: Callable[[]
     if moment.anchor == "first artefact":
         while not first_artefact():
             if proc.poll() is not None:
+                _kill_group(proc)  # whatever it left running
                 return False, "ended before its first artefact"
             time.sleep(POLL)
         start = time.monotonic()
     deadline = start + moment.delay
     while time.monotonic() < deadline:
         if proc.poll() is not None:
+            _kill_group(proc)
             return False, "ended before the kill"
         time.sleep(min(POLL, max(deadline - time.monotonic(), 0)))
     try:
