@@ -10,8 +10,9 @@ appearance (observed live) to 15% past the moment the uninterrupted run had put 
 before anything is written, mid-write, between checkpoints, during the final evaluation and bundle write, around the
 final rename, and in the cleanup after it. A run that ends before its kill is no kill: it is recorded as missed and
 the case is drawn again, within no more than the time that run took. The whole process group is killed
-(start_new_session), so Spark's JVM and Python workers and torchrun's workers die with it; a rank kill kills one
-worker and lets torchrun take the job down.
+(start_new_session), and with it the group of every process it started (torchrun starts its workers in sessions
+of their own), so Spark's JVM and Python workers and torchrun's workers all die; a rank kill kills one worker and
+lets torchrun take the job down. Nothing of a killed run runs when the checks start.
 
 After every kill, the harness checks:
 
@@ -104,33 +105,72 @@ def _start(command: list[str], cwd: Path, log: Path) -> subprocess.Popen:
                                 start_new_session=True)
 
 
-def _group_alive(pgid: int) -> bool:
-    """Whether any process of the group is still running (zombies aside: nothing may reap an orphan here)."""
+def _live_groups(groups: set[int]) -> set[int]:
+    """Those of ``groups`` that still have a running process (zombies aside: nothing may reap an orphan here)."""
+    live = set()
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            return True
-    return False
+        if int(fields[2]) in groups and fields[0] != "Z":
+            live.add(int(fields[2]))
+    return live
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    """SIGKILL the whole group and wait until none of it runs, so nothing writes after the checks start."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+def _groups_below(pid: int) -> set[int]:
+    """The process groups of ``pid``'s descendants. torchrun starts each worker in a session of its own, so killing
+    the launcher's group alone would leave the workers running (and writing) as orphans."""
+    groups, todo = set(), [pid]
+    while todo:
+        for children in Path(f"/proc/{todo.pop()}/task").glob("*/children"):
+            try:
+                pids = [int(c) for c in children.read_text().split()]
+            except OSError:
+                continue
+            for child in pids:
+                try:
+                    groups.add(os.getpgid(child))
+                except ProcessLookupError:
+                    continue
+                todo.append(child)
+    return groups
+
+
+def _signal_groups(groups: set[int], sig: int) -> None:
+    for group in groups:
+        try:
+            os.killpg(group, sig)
+        except ProcessLookupError:
+            pass
+
+
+def _kill_tree(proc: subprocess.Popen, groups: set[int] = frozenset()) -> None:
+    """SIGKILL the run's process group, the groups of every process it started and ``groups``, and wait until none
+    of them runs, so that nothing writes after the checks start. The run's group is stopped first, so that it
+    starts nothing new while its descendants are looked up."""
+    _signal_groups({proc.pid}, signal.SIGSTOP)
+    groups = {proc.pid, *groups, *_groups_below(proc.pid)}
+    _signal_groups(groups, signal.SIGKILL)
     proc.wait()
     deadline = time.monotonic() + 30
-    while _group_alive(proc.pid):
-        assert time.monotonic() < deadline, f"process group {proc.pid} survived SIGKILL"
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            return
+    while live := _live_groups(groups):
+        assert time.monotonic() < deadline, f"process groups {sorted(live)} survived SIGKILL"
+        _signal_groups(live, signal.SIGKILL)
         time.sleep(0.05)
+
+
+def _survivors(directory: Path) -> list[str]:
+    """Live processes whose command line names ``directory``: a killed run must leave none."""
+    needle, found = str(directory).encode(), []
+    for process in Path("/proc").glob("[0-9]*"):
+        try:
+            running = (process / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+            if running and needle in (process / "cmdline").read_bytes():
+                found.append(f"pid {process.name} of the killed run is still running")
+        except OSError:
+            continue
+    return found
 
 
 def _finish(command: list[str], cwd: Path, log: Path, timeout: float = 900) -> None:
@@ -138,7 +178,7 @@ def _finish(command: list[str], cwd: Path, log: Path, timeout: float = 900) -> N
     try:
         code = proc.wait(timeout)
     finally:
-        _kill_group(proc)
+        _kill_tree(proc)
     assert code == 0, f"{' '.join(command[2:6])}... failed ({code}):\n{log.read_text()[-4000:]}"
 
 
@@ -166,7 +206,7 @@ def _timed(command: list[str], cwd: Path, log: Path, first_artefact: Callable[[]
                 seen["in_place"] = now
             time.sleep(POLL)
     finally:
-        _kill_group(proc)
+        _kill_tree(proc)
     ended = time.monotonic() - start
     assert proc.returncode == 0, f"the uninterrupted run failed:\n{log.read_text()[-4000:]}"
     first = seen.get("first", ended)
@@ -209,7 +249,7 @@ def _kill_at(proc: subprocess.Popen, moment: Moment, first_artefact: Callable[[]
     seen: float | None = None
 
     def ended(why: str) -> Outcome:
-        _kill_group(proc)  # whatever it left running
+        _kill_tree(proc)  # whatever it left running
         return Outcome(False, why, seen, time.monotonic() - start)
 
     def watch() -> None:
@@ -235,8 +275,9 @@ def _kill_at(proc: subprocess.Popen, moment: Moment, first_artefact: Callable[[]
         pid = None
     if pid is None:
         alive = proc.poll() is None
-        _kill_group(proc)
-        return Outcome(alive and proc.returncode == -signal.SIGKILL, "the process group", seen)
+        _kill_tree(proc)
+        return Outcome(alive and proc.returncode == -signal.SIGKILL, "the whole process tree", seen)
+    job = _groups_below(proc.pid)  # the workers' groups, while the launcher still lists them
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
         os.kill(pid, signal.SIGKILL)
@@ -245,7 +286,7 @@ def _kill_at(proc: subprocess.Popen, moment: Moment, first_artefact: Callable[[]
     try:
         proc.wait(300)  # torchrun notices the dead rank, stops the other and fails the job
     finally:
-        _kill_group(proc)
+        _kill_tree(proc, job)
     return Outcome(state not in ("Z", "gone"), f"one rank (pid {pid})", seen)
 
 
@@ -523,6 +564,7 @@ def _build_kill(series: Series, setup: BuildSetup, kind: str) -> None:
         setup.timing = _shortened(setup.timing, outcome)
     kill = {"kind": kind, "moment": str(moment), "killed": outcome.what,
             "phase": _build_phase(target, before_tmp, previous)}
+    survivors = _survivors(root)
     half = _datasets_half_written(root)
     lost: list[str] = []
     if previous and _digests(target) != previous:
@@ -531,7 +573,7 @@ def _build_kill(series: Series, setup: BuildSetup, kind: str) -> None:
     unequal = _dataset_differences(target, setup.references[log]) + _flat(_datasets_half_written(root))
     kill.update(half=len(half), lost=int(bool(lost)), resume_equal=not unequal,
                 leftovers=len(_temporaries(target)),
-                problems=_flat(half) + lost + [f"resumed: {d}" for d in unequal])
+                problems=survivors + _flat(half) + lost + [f"resumed: {d}" for d in unequal])
     series.record(kill)
 
 
@@ -647,6 +689,7 @@ def _train_kill(series: Series, setup: TrainSetup, kind: str, target: str) -> No
     kind_label = f"{kind}, {f'rank {rank}' if one_rank else 'group'}" if setup.launcher == "torchrun" else kind
     kill = {"kind": kind_label, "moment": str(moment), "killed": outcome.what,
             "phase": _train_phase(out, before_tmp, previous)}
+    survivors = _survivors(case)
     half = _bundles_half_written(case)
     lost: list[str] = []
     if previous and _digests(out) != previous:
@@ -654,7 +697,7 @@ def _train_kill(series: Series, setup: TrainSetup, kind: str, target: str) -> No
     _finish(setup.command(out, seed, resume=True), case, case / "resume.log")
     unequal = _resumed_training_differences(out, setup.references[seed], case)
     kill.update(half=len(half), lost=int(bool(lost)), resume_equal=not unequal, leftovers=len(_temporaries(out)),
-                problems=_flat(half) + lost + [f"resumed: {d}" for d in unequal])
+                problems=survivors + _flat(half) + lost + [f"resumed: {d}" for d in unequal])
     series.record(kill)
 
 
@@ -736,7 +779,7 @@ def _killed_at_commit(nth: int, target: Path, args: list[str], cwd: Path, log: P
     try:
         code = proc.wait(600)
     finally:
-        _kill_group(proc)
+        _kill_tree(proc)
     if nth:
         assert code == -signal.SIGKILL, f"step {nth} never came ({code}):\n{log.read_text()[-3000:]}"
         return -1
