@@ -20,7 +20,7 @@ ENGINE ?=
 SPARK_MASTER ?=
 RECSYS_JOB = $(if $(NPROC),$(VENV)/bin/torchrun --nproc-per-node $(NPROC) -m recsys,$(VENV)/bin/recsys)
 
-.PHONY: setup test test-slow test-triton test-spark test-browser test-tracking eval serve mlflow-ui bench bench-kernels \
+.PHONY: setup test test-slow test-triton test-spark test-browser test-tracking test-chaos eval serve mlflow-ui bench bench-kernels \
 	bench-kernels-gpu bench-serving bench-serving-load bench-generative bench-bsarec lint clean
 
 $(STAMP): pyproject.toml
@@ -69,6 +69,14 @@ test-tracking: $(STAMP)
 		echo "installing Debian's postgresql"; \
 		$(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; }
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -rP -m tracking
+
+# SIGKILL at 40 seeded random moments of `recsys data build` (in-process and Spark engines) and `recsys train` (one
+# process and torchrun), and just before each rename of a rebuild and a retrain: nothing half-written looks complete,
+# no previous dataset or bundle is lost, every resumed run ends as the uninterrupted one. Installs the [spark] extra
+# (needs Java 17); CHAOS_SEED=N draws other moments (default 27); the tally goes to reports/chaos.json.
+test-chaos: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[dev,spark]'
+	CHAOS_REPORT=reports/chaos.json $(PY) -m pytest -q -s -m chaos
 
 eval: $(STAMP)
 	$(if $(filter spark,$(ENGINE)),$(PY) -m pip install --quiet -e '.[spark]')

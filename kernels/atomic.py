@@ -1,19 +1,69 @@
-"""Atomic writes: a reader sees either the old artefact or the complete new one, never half of it."""
+"""Atomic writes: a reader sees either the old artefact or the complete new one, never half of it, and a process
+killed at any moment (SIGKILL included: ``make test-chaos``) leaves one of the two in place."""
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import shutil
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def _load_renameat2():
+    """libc's renameat2 (Linux 3.15+, glibc 2.28+), or None where there is none."""
+    try:
+        function = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+_RENAMEAT2 = _load_renameat2()
+
+
+def exchange(a: str | Path, b: str | Path) -> bool:
+    """Swap the existing paths ``a`` and ``b`` in one step (renameat2 with RENAME_EXCHANGE): at every moment each
+    name leads to one of the two. False, with nothing changed, where the system or file system cannot."""
+    if _RENAMEAT2 is None:
+        return False
+    # renameat2 through ctypes bypasses os.rename's audit event: raise it, so audit hooks see this rename like any
+    # other (the chaos harness kills a process just before each rename of an artefact through such a hook)
+    sys.audit("os.rename", a, b, -1, -1)
+    if _RENAMEAT2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    error = ctypes.get_errno()
+    if error in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(error, os.strerror(error), os.fspath(a), None, os.fspath(b))
+
+
+def _discard(directory: Path, marker: str | None) -> None:
+    """Remove a directory, its completion marker first, so that no moment leaves it looking complete when it is
+    not (a kill halfway through rmtree would otherwise leave the marker beside half of the files)."""
+    if marker is not None:
+        (directory / marker).unlink(missing_ok=True)
+    shutil.rmtree(directory, ignore_errors=True)
+
 
 @contextmanager
-def atomic_directory(target: str | Path) -> Iterator[Path]:
-    """Yield a temporary directory beside ``target``; on success it replaces ``target`` in one rename.
+def atomic_directory(target: str | Path, *, marker: str | None = None) -> Iterator[Path]:
+    """Yield a temporary directory beside ``target``; on success it takes ``target``'s place in one step.
 
+    An existing ``target`` is swapped with the new directory in one exchange, so a process killed at any moment
+    leaves the previous directory or the complete new one at ``target``, never neither; the previous one, then
+    in the temporary directory, is removed. (Where the file system cannot exchange it is moved aside first, and a
+    kill between the two renames leaves it at ``.NAME.old-PID``.) ``marker`` names the file whose presence says the
+    directory is complete: the caller writes it last (``atomic_file``), and a discarded directory loses it first.
     On any exception the temporary directory is removed and ``target`` is left as it was.
     """
     target = Path(target)
@@ -21,15 +71,17 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield tmp
-        if target.exists():
+        if not target.exists():
+            os.replace(tmp, target)
+        elif exchange(tmp, target):
+            _discard(tmp, marker)  # the previous directory, now at the temporary name
+        else:
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             os.replace(target, old)
             os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+            _discard(old, marker)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _discard(tmp, marker)
         raise
 
 

@@ -171,7 +171,7 @@ def build_dataset(
         "timestamps_are_positions": plan.timestamps_are_positions,
         "warnings": plan.warnings,
     }
-    with atomic_directory(target) as tmp:
+    with atomic_directory(target, marker="manifest.json") as tmp:
         if engine.name == "spark":
             from .spark_engine import build_with_spark  # PySpark is an optional extra
             build_with_spark(plan, resolved, bad, tmp, manifest, started, master=engine.master, conf=dict(engine.conf))

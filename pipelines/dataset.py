@@ -23,6 +23,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from kernels.atomic import atomic_write_bytes
 from .cleaning import CleanLog
 from .jagged import Jagged, Split, content_hash
 from .sequence_cache import load_cached_sequences, write_sequence_cache
@@ -174,5 +175,6 @@ def write_manifest(directory: Path, manifest: dict, *, users: int, items: int, i
         "cleaning_stats": stats,
         "content_hash": digest,
     }
-    (directory / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    # renamed into place whole: a manifest.json is never half a file, even in a build's temporary directory
+    atomic_write_bytes(directory / "manifest.json", (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
     return manifest

@@ -3,7 +3,7 @@
 A bundle is a directory with ``config.json`` (model name, resolved configs, dataset identity), ``weights.safetensors``
 (no pickle anywhere), ``items.parquet`` (the id map and titles) and ``metrics.json``, and from a training run
 ``test_ranks.parquet`` (each test user's target rank). It is written atomically: a directory that has the four
-required files was written completely.
+required files was written completely (``config.json`` comes last, renamed into place whole).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
 
-from kernels.atomic import atomic_directory
+from kernels.atomic import atomic_directory, atomic_write_bytes
 from recsys.models import SequentialModel, build_model, model_class
 from recsys.models.base import ModelConfig
 
@@ -47,14 +47,15 @@ def save_bundle(out_dir: str | Path, model: SequentialModel, config: dict, items
         **config,
     }
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    with atomic_directory(out_dir) as tmp:
+    with atomic_directory(out_dir, marker="config.json") as tmp:
         save_file(state, str(tmp / "weights.safetensors"))
         columns = [c for c in ("item_idx", "item_id", "title", "popularity") if c in items.columns]
         items[columns].to_parquet(tmp / "items.parquet", index=False)
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
-        (tmp / "config.json").write_text(json.dumps(full_config, indent=2, sort_keys=True))
         if user_ranks is not None:
             user_ranks.to_parquet(tmp / USER_RANKS, index=False)
+        # last and whole: the four files together say complete, even in the temporary directory
+        atomic_write_bytes(tmp / "config.json", json.dumps(full_config, indent=2, sort_keys=True).encode())
     return out_dir
 
 

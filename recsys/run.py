@@ -158,6 +158,20 @@ def finished_run(out_dir: Path, model_name: str, model_config: dict, run_config:
     return RunResult(out_dir, metrics, registry.get("version"), registry.get("run_id"))
 
 
+def remove_stale_checkpoint(checkpoint_dir: Path, key: str) -> None:
+    """Remove the checkpoint of run ``key`` beside its finished bundle. A run killed after writing its bundle and
+    before removing its checkpoint leaves it there, and ``--resume`` then reuses the bundle: left in place, that
+    stale resume point would refuse a later ``--resume`` with other settings into the same directory (found by
+    make test-chaos). A checkpoint of other settings is another run's progress and stays."""
+    path = checkpoint_dir / "last.pt"
+    if not path.is_file():
+        return
+    import torch
+
+    if torch.load(path, weights_only=True, map_location="cpu").get("fingerprint") == key:
+        Trainer(TrainConfig(device="cpu"), checkpoint_dir=checkpoint_dir).remove_checkpoint()
+
+
 def train_run(
     model_name: str,
     dataset: str | ProcessedDataset,
@@ -214,10 +228,11 @@ def train_run(
     resumable = {**run_config, "train_config": {k: v for k, v in run_config["train_config"].items()
                                                 if k != "max_minutes"}}
     key = fingerprint(model_name, model.config.model_dump(mode="json"), resumable)
+    checkpoint_dir = out_dir.with_name(out_dir.name + ".checkpoints")
     if resume and (done := finished_run(out_dir, model_name, model.config.model_dump(mode="json"), run_config)):
         print(f"{out_dir}: reusing the finished run with these settings", file=sys.stderr)
+        distributed.on_main(lambda: remove_stale_checkpoint(checkpoint_dir, key))
         return done
-    checkpoint_dir = out_dir.with_name(out_dir.name + ".checkpoints")
     tracker = None
     if track and distributed.is_main():
         tracker = Tracker(experiment=dataset_name, run_name=model_name,
