@@ -27,6 +27,7 @@ from serving.schemas import (BatchRecommendRequest, BatchRecommendResponse, Item
 from serving.settings import ServiceSettings
 
 API_KEY_HEADER = "X-API-Key"
+RANKING_PATHS = ("/v1/recommend", "/v1/recommend/batch")  # the routes that queue for the micro-batcher
 
 
 class ServiceState:
@@ -87,6 +88,13 @@ class BodyLimit:
 
         declared = dict(scope.get("headers") or []).get(b"content-length")
         try:
+            if scope["path"] in RANKING_PATHS and self.state.batcher.full():
+                # refused before the body is read or validated: under overload a refusal must cost far less
+                # than an answer, or refusals eat the capacity the admitted requests need
+                retry = str(self.state.settings.retry_after_s)
+                response = JSONResponse({"detail": "overloaded, retry later: the ranking queue is full"},
+                                        status_code=503, headers={"Retry-After": retry})
+                return await response(scope, receive, send_observed)
             if declared is not None and (not declared.isdigit() or int(declared) > limit):
                 response = JSONResponse({"detail": f"request body over the {limit}-byte limit"}, status_code=413)
                 return await response(scope, receive, send_observed)
@@ -103,7 +111,7 @@ class BodyLimit:
             await self.app(scope, limited_receive, send_observed)
         finally:
             route = scope.get("route")
-            path = getattr(route, "path", "unmatched")
+            path = getattr(route, "path", scope["path"] if scope["path"] in RANKING_PATHS else "unmatched")
             self.state.metrics.observe_request(scope["method"], path, status["code"], time.perf_counter() - start)
 
 

@@ -50,6 +50,9 @@ class MicroBatcher:
                 pass
         self.executor.shutdown(wait=True)
 
+    def full(self) -> bool:
+        return self.waiting >= self.max_queue
+
     async def submit(self, served: ServedModel, queries: list[Query]) -> list[Any]:
         """Rank ``queries`` with ``served`` as part of the next micro-batch; ``QueueFull`` when the queue is full
         (a request larger than the whole queue is still taken when nothing else waits)."""
