@@ -20,7 +20,7 @@ shifted pointwise mutual information of co-occurrences, and the truncated SVD of
 closed-form counterpart (item2vec, Barkan & Koenigstein 2016, is skip-gram over item sequences). Counts pair items
 at most ``COOCCURRENCE_WINDOW`` steps apart in a user's sequence, weighted 1/distance, both directions:
 PPMI(i, j) = max(0, log(C_ij · C / (C_i · C_j))), and E₀ = s · U_d √Σ_d of its top-d singular triplets, rescaled as
-above. Items with no co-occurrence in training keep their random rows.
+above. Items without a positive PMI in training (never co-occurring, mostly) keep their random rows.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def principal_components(embeddings: np.ndarray, d: int) -> tuple[torch.Tensor, 
 
 def cooccurrence_factors(train, num_items: int, d: int) -> torch.Tensor:
     """(num_items, d) rows U_d √Σ_d of the positive PMI of item co-occurrences in ``train`` (a ``Jagged`` of
-    training sequences); all-zero rows for items that never co-occur."""
+    training sequences); all-zero rows for items without a positive PMI (those that never co-occur, mostly)."""
     items, rows = np.asarray(train.items, dtype=np.int64) - 1, train.row_ids()
     heads, tails, weights = [], [], []
     for gap in range(1, COOCCURRENCE_WINDOW + 1):
