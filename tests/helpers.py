@@ -2,6 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -101,3 +111,46 @@ def cpu_kernel_missing() -> str | None:
 _CPU_MISSING = cpu_kernel_missing()
 CPU = pytest.param("cpu", marks=pytest.mark.skipif(_CPU_MISSING is not None, reason=str(_CPU_MISSING)))
 FAST = ["torch", CPU]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_up(base: str, proc: subprocess.Popen, timeout: float, what: str, log: Path | None = None) -> None:
+    """Poll ``base``/health until it answers; fail (with the log's tail) if ``proc`` exits or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(base + "/health", timeout=2)
+            return
+        except OSError:
+            tail = f":\n{log.read_text()[-4000:]}" if log is not None else ""
+            assert proc.poll() is None and time.monotonic() < deadline, f"{what} did not start{tail}"
+            time.sleep(0.5)
+
+
+@contextmanager
+def serve_mlflow(*args: str, timeout: float, log: Path | None = None):
+    """``mlflow server ARGS`` on a free port of 127.0.0.1; yields its http:// address once /health answers. Its
+    worker processes outlive a plain kill of the parent, so it runs in a session of its own and the whole group is
+    stopped (SIGTERM, then SIGKILL)."""
+    port = free_port()
+    output = open(log, "w") if log is not None else subprocess.DEVNULL
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", *args, "--host", "127.0.0.1",
+                               "--port", str(port)], start_new_session=True, stdout=output, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_up(base, server, timeout, "mlflow server", log)
+        yield base
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        if log is not None:
+            output.close()

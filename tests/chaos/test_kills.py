@@ -59,7 +59,8 @@ from pipelines.build import GenericInput, build_dataset
 from pipelines.dataset import load_dataset
 from pipelines.jagged import content_hash
 from recsys.bundle import BUNDLE_FILES, load_bundle
-from tests.e2e.test_distributed import free_port, worker_of_rank
+from tests.e2e.test_distributed import worker_of_rank
+from tests.helpers import free_port
 
 pytestmark = pytest.mark.chaos
 

@@ -16,11 +16,9 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -29,6 +27,7 @@ import pytest
 from recsys.cli import main
 
 from tests.conftest import REPO_ROOT
+from tests.helpers import free_port, wait_until_up
 
 pytestmark = pytest.mark.browser
 
@@ -38,33 +37,19 @@ NDCG = "test_ndcg_at_10"  # recsys.tracking's key for the test NDCG@10
 WAIT = 60  # seconds for any page to show what is checked (two cores shared with everything else)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def mlflow_ui(log: Path):
     """`recsys mlflow-ui` on a free port (its own session; one uvicorn worker and no job runner, which these pages
     do not use, to spare the two cores). Yields the base URL once /health answers; afterwards the dashboard is
     stopped by SIGTERM, as a service manager would, and must take its server's process group down with it."""
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, MLFLOW_WORKERS="1", MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "recsys", "mlflow-ui", "--port", str(port)], env=env,
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     base, server, stopped = f"http://127.0.0.1:{port}", None, False
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(base + "/health", timeout=2)
-                break
-            except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline, \
-                    f"the MLflow UI did not start:\n{log.read_text()[-3000:]}"
-                time.sleep(0.5)
+        wait_until_up(base, proc, 120, "the MLflow UI", log)
         # `recsys mlflow-ui` runs `mlflow ui` as its only child, in a session (and process group) of its own
         server = int(Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()[0])
         yield base

@@ -22,19 +22,17 @@ import pwd
 import re
 import shlex
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from recsys.tracking import registered_name
+from tests.helpers import free_port, serve_mlflow
 
 MODELS = ("pop", "sasrec")
 REPORT = ["--models", *MODELS, "--epochs", "1", "--set", "sasrec.hidden_size=16", "--threads", "1"]
@@ -97,12 +95,6 @@ def test_runs_started_at_the_same_moment_on_a_new_store_all_finish(tmp_path):
 
 
 # ---- two reports at once -------------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_report(dataset: Path, work: Path, seed: int, uri: str) -> subprocess.Popen:
@@ -397,33 +389,11 @@ def postgres():
 def mlflow_server(postgres, tmp_path):
     """``mlflow server`` on that database, serving artifacts from a directory of its own, two workers; yields its
     http:// address, stopped afterwards (before the database, which it needs)."""
-    port = free_port()
-    log = tmp_path / "mlflow-server.log"
-    with open(log, "w") as output:
-        # mlflow's worker processes outlive a plain kill of the parent: own session, stop the whole group
-        server = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", postgres, "--serve-artifacts",
-             "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-             "--workers", "2"], start_new_session=True, stdout=output, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 180  # the first start creates MLflow's tables in PostgreSQL
-        while True:
-            try:
-                urllib.request.urlopen(base + "/health", timeout=2)
-                break
-            except OSError:
-                assert server.poll() is None and time.time() < deadline, \
-                    f"mlflow server did not start:\n{log.read_text()[-4000:]}"
-                time.sleep(0.5)
+    # 180 s: the first start creates MLflow's tables in PostgreSQL
+    with serve_mlflow("--backend-store-uri", postgres, "--serve-artifacts", "--artifacts-destination",
+                      str(tmp_path / "artifacts"), "--workers", "2", timeout=180,
+                      log=tmp_path / "mlflow-server.log") as base:
         yield base
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
 
 
 @pytest.mark.tracking

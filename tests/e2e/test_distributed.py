@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import pytest
 from safetensors.torch import load_file
 
 from recsys.cli import main
+from tests.helpers import free_port
 
 SMALL = ["--set", "num_users=300", "--set", "num_items=120"]
 # 300 users give 300 training windows: 20 steps of 15 sequences an epoch; dropout 0 so ranks draw nothing
@@ -28,12 +28,6 @@ EQUIVALENCE = ["--epochs", "1", "--threads", "1", "--no-progress", "--seed", "3"
 def small_dataset(tmp_path, capsys) -> Path:
     assert main(["data", "build", "--dataset", "synthetic", *SMALL]) == 0
     return Path(capsys.readouterr().out.strip())
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(*args: str, nproc: int = 2, extra: tuple[str, ...] = (), check: bool = True,

@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ from pipelines.dataset import load_dataset
 from pipelines.errors import BadInputError, EmptyDatasetError
 from pipelines.jagged import content_hash
 from tests.conftest import REPO_ROOT, shared_dataset
+from tests.helpers import free_port
 from tests.pipelines.test_pipelines_readers import FIXTURES, MALFORMED, copy_fixture, insert_line
 
 pytestmark = pytest.mark.spark
@@ -259,12 +259,6 @@ def test_real_beauty_p5_sequences_build_identically(tmp_path):
 # A real cluster: a standalone master and one worker on 127.0.0.1
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _spark_class(*args: str, log: Path) -> subprocess.Popen:
     import pyspark
 
@@ -299,7 +293,7 @@ def _recsys(*args: str, **kwargs) -> subprocess.CompletedProcess:
 
 
 def test_standalone_cluster_on_localhost_builds_identically(tmp_path, messy_parts):
-    port, ui = _free_port(), _free_port()
+    port, ui = free_port(), free_port()
     master_log, worker_log = tmp_path / "master.log", tmp_path / "worker.log"
     master = _spark_class("org.apache.spark.deploy.master.Master", "--host", "127.0.0.1", "--port", str(port),
                           "--webui-port", str(ui), log=master_log)
@@ -307,7 +301,7 @@ def test_standalone_cluster_on_localhost_builds_identically(tmp_path, messy_part
     try:
         _wait_for(lambda: b"I have been elected leader" in master_log.read_bytes(), 90, "the Spark master")
         worker = _spark_class("org.apache.spark.deploy.worker.Worker", f"spark://127.0.0.1:{port}", "--host",
-                              "127.0.0.1", "--cores", "2", "--memory", "2g", "--webui-port", str(_free_port()),
+                              "127.0.0.1", "--cores", "2", "--memory", "2g", "--webui-port", str(free_port()),
                               log=worker_log)
         _wait_for(lambda: b"Successfully registered with master" in worker_log.read_bytes(), 90, "the Spark worker")
         data = messy_parts / "parquet"

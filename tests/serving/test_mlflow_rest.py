@@ -4,21 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 
 from recsys.report import run_report
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.helpers import serve_mlflow
 
 
 def _call(base: str, path: str, body: dict | None = None) -> dict:
@@ -35,23 +25,8 @@ def test_report_runs_and_champion_visible_through_rest_api(tmp_path, monkeypatch
     dataset = build_dataset("synthetic", data_root=tmp_path / "data", num_users=200, num_items=80, num_clusters=8)
     run_report(str(dataset), ["pop", "sasrec"], epochs=2, overrides={"hidden_size": 16})
 
-    port = _free_port()
     uri = os.environ["MLFLOW_TRACKING_URI"]
-    # mlflow's helper processes outlive a plain kill of the parent: own session, stop the whole group.
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "1"],
-        start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                urllib.request.urlopen(base + "/health", timeout=2)
-                break
-            except OSError:
-                assert server.poll() is None and time.time() < deadline, "mlflow server did not start"
-                time.sleep(0.5)
+    with serve_mlflow("--backend-store-uri", uri, "--workers", "1", timeout=90) as base:
         experiments = _call(base, "/api/2.0/mlflow/experiments/search", {"max_results": 10})["experiments"]
         ids = [e["experiment_id"] for e in experiments if e["name"] == dataset.name]
         runs = _call(base, "/api/2.0/mlflow/runs/search", {"experiment_ids": ids})["runs"]
@@ -69,10 +44,3 @@ def test_report_runs_and_champion_visible_through_rest_api(tmp_path, monkeypatch
             except urllib.error.HTTPError:
                 pass
         assert len(holders) == 1
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
