@@ -7,6 +7,7 @@ import ctypes
 import errno
 import os
 import shutil
+import socket
 import sys
 import tempfile
 from contextlib import contextmanager
@@ -55,6 +56,41 @@ def _discard(directory: Path, marker: str | None) -> None:
     shutil.rmtree(directory, ignore_errors=True)
 
 
+def _temporary_prefix(name: str) -> str:
+    """The prefix of this process's temporary siblings of ``name``: ``.NAME.tmp-HOST-PID-`` (then a random part),
+    so that a later writer can tell whose they are."""
+    return f".{name}.tmp-{socket.gethostname()}-{os.getpid()}-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
+def sweep_stale_temporaries(target: str | Path, *, marker: str | None = None) -> list[Path]:
+    """Remove the temporary siblings of ``target`` left by writers on this host that were killed (their process is
+    gone), and return them. A killed writer cannot clean up after itself; the next writer of the same name does.
+    Temporaries of live processes and of other hosts (a shared file system) are left alone: only their own host
+    can tell whether their writer still runs."""
+    target = Path(target)
+    prefix = f".{target.name}.tmp-{socket.gethostname()}-"
+    removed = []
+    for path in target.parent.glob(f".{target.name}.tmp-*"):
+        pid = path.name[len(prefix):].split("-", 1)[0] if path.name.startswith(prefix) else ""
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            if path.is_dir() and not path.is_symlink():
+                _discard(path, marker)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
 @contextmanager
 def atomic_directory(target: str | Path, *, marker: str | None = None) -> Iterator[Path]:
     """Yield a temporary directory beside ``target``; on success it takes ``target``'s place in one step.
@@ -64,11 +100,13 @@ def atomic_directory(target: str | Path, *, marker: str | None = None) -> Iterat
     in the temporary directory, is removed. (Where the file system cannot exchange it is moved aside first, and a
     kill between the two renames leaves it at ``.NAME.old-PID``.) ``marker`` names the file whose presence says the
     directory is complete: the caller writes it last (``atomic_file``), and a discarded directory loses it first.
-    On any exception the temporary directory is removed and ``target`` is left as it was.
+    On any exception the temporary directory is removed and ``target`` is left as it was. Temporaries that killed
+    writers on this host left beside ``target`` are removed first (``sweep_stale_temporaries``).
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    sweep_stale_temporaries(target, marker=marker)
+    tmp = Path(tempfile.mkdtemp(prefix=_temporary_prefix(target.name), dir=target.parent))
     try:
         yield tmp
         if not target.exists():
@@ -94,7 +132,9 @@ def atomic_file(path: str | Path, *, make_parents: bool = True) -> Iterator[Path
     path = Path(path)
     if make_parents:
         path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    if path.parent.is_dir():
+        sweep_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(prefix=_temporary_prefix(path.name), dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kernels.atomic import atomic_directory
+from kernels.atomic import atomic_directory, sweep_stale_temporaries
 from .cleaning import clean_interactions
 from .dataset import write_dataset
 from .errors import RawDataMissingError
@@ -155,6 +155,7 @@ def build_dataset(
     input_hash = _input_hash(recipe, resolved, source, entry, generic, digests)
     if not force and _is_current(target, input_hash):
         print(f"reusing {target} (same inputs and settings)", file=sys.stderr)
+        sweep_stale_temporaries(target, marker="manifest.json")  # a killed rebuild's leftovers: reusing writes nothing
         return target
 
     plan = _plan(recipe, name, entry, source, generic, resolved)

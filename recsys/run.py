@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import pandas as pd
 
-from kernels.atomic import atomic_write_bytes
+from kernels.atomic import atomic_write_bytes, sweep_stale_temporaries
 from pipelines.build import Engine, build_dataset
 from pipelines.cli import parse_settings as parse_overrides  # noqa: F401  (one parser for --set)
 from pipelines.dataset import ProcessedDataset, load_dataset
@@ -232,6 +232,8 @@ def train_run(
     if resume and (done := finished_run(out_dir, model_name, model.config.model_dump(mode="json"), run_config)):
         print(f"{out_dir}: reusing the finished run with these settings", file=sys.stderr)
         distributed.on_main(lambda: remove_stale_checkpoint(checkpoint_dir, key))
+        # a killed write of this bundle may have left its temporary beside it, and reusing writes nothing new
+        distributed.on_main(lambda: sweep_stale_temporaries(out_dir, marker="config.json"))
         return done
     tracker = None
     if track and distributed.is_main():

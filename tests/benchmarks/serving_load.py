@@ -10,7 +10,8 @@ missing), k = 10, histories of 1–50 items drawn by popularity:
    refused requests get 503 with Retry-After before their body is read; the share refused, the requests answered
    per second, the latency of all responses.
 3. ``slow_clients``: concurrency 32 alone, beside 16 clients sending their body one byte every 20 ms, and beside
-   8 clients that pipeline requests and never read the answers; the slow-body requests must still be answered.
+   8 clients that pipeline requests and never read the answers, and beside 8 that pipeline and read (the control:
+   the same extra clients when they behave); the slow-body requests must still be answered.
 4. ``soak``: 200,000 requests at concurrency 32 in ten tenths, a hot reload every 10 s: errors, resident memory
    after each tenth, p50/p99 of each tenth, the reload statuses.
 
@@ -123,15 +124,19 @@ def bench_overload(bundle: Path, bodies: Path, cache: Path, seconds: float) -> d
 
 
 class SlowClients:
-    """``n_body`` clients sending a request body one byte every ``gap`` seconds (each answer's status kept) and
-    ``n_deaf`` clients that pipeline requests and never read, all on their own threads until ``stop()``."""
+    """``n_body`` clients sending a request body one byte every ``gap`` seconds (each answer's status kept),
+    ``n_deaf`` clients that pipeline requests and never read, and ``n_readers`` that pipeline the same way but read
+    every answer (the control: what the same clients cost when they behave), all on their own threads until
+    ``stop()``."""
 
-    def __init__(self, port: int, body: bytes, n_body: int = 8, n_deaf: int = 8, gap: float = 0.02):
+    def __init__(self, port: int, body: bytes, n_body: int = 8, n_deaf: int = 8, n_readers: int = 0,
+                 gap: float = 0.02):
         self.port, self.body, self.gap = port, body, gap
         self.statuses: list[int] = []
         self.halt = threading.Event()
         self.threads = [threading.Thread(target=self.slow_body, daemon=True) for _ in range(n_body)]
-        self.threads += [threading.Thread(target=self.deaf, daemon=True) for _ in range(n_deaf)]
+        self.threads += [threading.Thread(target=self.pipeline, args=(False,), daemon=True) for _ in range(n_deaf)]
+        self.threads += [threading.Thread(target=self.pipeline, args=(True,), daemon=True) for _ in range(n_readers)]
         for t in self.threads:
             t.start()
 
@@ -148,9 +153,11 @@ class SlowClients:
                     time.sleep(self.gap)
                 self.statuses.append(int(s.recv(64)[9:12]))
 
-    def deaf(self) -> None:
+    def pipeline(self, read: bool) -> None:
         with socket.create_connection(("127.0.0.1", self.port), timeout=60) as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            if read:
+                threading.Thread(target=self.drain, args=(s,), daemon=True).start()
             request = self.head() + self.body
             while not self.halt.is_set():
                 try:
@@ -159,6 +166,13 @@ class SlowClients:
                 except OSError:
                     time.sleep(0.2)
             self.halt.wait()
+
+    def drain(self, s: socket.socket) -> None:
+        while not self.halt.is_set():
+            try:
+                s.recv(65536)
+            except OSError:
+                time.sleep(0.05)
 
     def stop(self) -> None:
         self.halt.set()
@@ -174,18 +188,20 @@ def answered(base: str) -> int:
 
 
 def bench_slow_clients(bundle: Path, bodies: Path, cache: Path, seconds: float) -> dict:
-    """wrk at concurrency 32 alone, beside 16 slow-body clients, and beside 8 clients that never read; the
-    requests the server answered beyond wrk's are the slow clients' (a never-reading client's pipelined requests
-    are real work until flow control stops reading it)."""
+    """wrk at concurrency 32 alone, beside 16 slow-body clients, beside 8 clients that never read, and beside 8
+    that pipeline the same way but read (the control); the requests the server answered beyond wrk's are the other
+    clients' (a never-reading client's pipelined requests are real work until flow control stops reading it)."""
     server = start(bundle, cache)
     body = bodies.read_text().splitlines()[0].encode()
     out = {"slow_body_bytes": len(body)}
     try:
         wrk(server.base, bodies, 8, seconds=5)
-        for case, n_body, n_deaf in (("alone", 0, 0), ("beside_16_slow_bodies", 16, 0),
-                                     ("beside_8_never_reading", 0, 8)):
+        for case, n_body, n_deaf, n_readers in (("alone", 0, 0, 0), ("beside_16_slow_bodies", 16, 0, 0),
+                                                ("beside_8_never_reading", 0, 8, 0),
+                                                ("beside_8_pipelining_readers", 0, 0, 8)):
             before = answered(server.base)
-            slow = SlowClients(server.port, body, n_body=n_body, n_deaf=n_deaf) if n_body or n_deaf else None
+            slow = (SlowClients(server.port, body, n_body=n_body, n_deaf=n_deaf, n_readers=n_readers)
+                    if n_body or n_deaf or n_readers else None)
             try:
                 run = wrk(server.base, bodies, 32, seconds=seconds)
             finally:
@@ -199,7 +215,7 @@ def bench_slow_clients(bundle: Path, bodies: Path, cache: Path, seconds: float) 
                                      headers={"Content-Type": "application/json"}).status_code == 200
     finally:
         server.stop()
-    for case in ("beside_16_slow_bodies", "beside_8_never_reading"):
+    for case in ("beside_16_slow_bodies", "beside_8_never_reading", "beside_8_pipelining_readers"):
         out[case]["throughput_ratio"] = round(out[case]["requests_per_second"] / out["alone"]["requests_per_second"], 2)
         out[case]["p99_ratio"] = round(out[case]["p99_ms"] / out["alone"]["p99_ms"], 2)
     return out

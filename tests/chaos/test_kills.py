@@ -872,7 +872,8 @@ def test_tally_meets_the_acceptance(tmp_path):
         "half_artefacts": sum(TALLY[s]["half_artefacts"] for s in ACCEPTANCE),
         "lost_previous_artefacts": sum(TALLY[s]["lost_previous"] for s in ACCEPTANCE),
         "resumes_equal": sum(TALLY[s]["resumes_equal"] for s in ACCEPTANCE),
-        # hidden temporaries a kill left beside the artefact and nothing removed (disk, not correctness)
+        # hidden temporaries still beside the artefact after the resume (disk, not correctness): the next write or
+        # reuse of the same name removes those of killed writers (kernels.atomic.sweep_stale_temporaries)
         "leftover_temporaries": sum(TALLY[s]["leftover_temporaries"] for s in ACCEPTANCE),
         "kills_before_commit_steps": {s: TALLY[s]["kills"] for s in TALLY if s not in ACCEPTANCE},
         "series": TALLY,
