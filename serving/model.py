@@ -159,14 +159,12 @@ def _parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
 def fetch_registered_bundle(uri: str, settings: ServiceSettings) -> tuple[Path, str]:
     """Download (once) the bundle a registry URI points at; returns its local directory and the version."""
     import mlflow
-    from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from recsys.tracking import tracking_uri
+    from recsys.tracking import open_client, tracking_uri
 
     name, alias, version = _parse_model_uri(uri)
-    mlflow.set_tracking_uri(tracking_uri())
-    client = MlflowClient()
+    client = open_client()
     try:
         mv = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
     except MlflowException as err:
@@ -185,13 +183,9 @@ def fetch_registered_bundle(uri: str, settings: ServiceSettings) -> tuple[Path, 
 
 def champion_uri() -> str:
     """``models:/<name>@champion`` for the registered model that the last ``make eval`` chose."""
-    import mlflow
-    from mlflow import MlflowClient
+    from recsys.tracking import open_client, tracking_uri
 
-    from recsys.tracking import tracking_uri
-
-    mlflow.set_tracking_uri(tracking_uri())
-    for registered in MlflowClient().search_registered_models():
+    for registered in open_client().search_registered_models():
         if "champion" in (registered.aliases or {}):
             return f"models:/{registered.name}@champion"
     raise FileNotFoundError(f"no registered model carries the 'champion' alias in {tracking_uri()}: run `make eval` "
