@@ -56,10 +56,14 @@ def _discard(directory: Path, marker: str | None) -> None:
     shutil.rmtree(directory, ignore_errors=True)
 
 
+def _host_prefix(name: str) -> str:
+    """``.NAME.tmp-HOST-``: the start of every temporary sibling of ``name`` written on this host. The writer's PID
+    and a random part follow (``_temporary_prefix``), so that a later writer can tell whose it is."""
+    return f".{name}.tmp-{socket.gethostname()}-"
+
+
 def _temporary_prefix(name: str) -> str:
-    """The prefix of this process's temporary siblings of ``name``: ``.NAME.tmp-HOST-PID-`` (then a random part),
-    so that a later writer can tell whose they are."""
-    return f".{name}.tmp-{socket.gethostname()}-{os.getpid()}-"
+    return f"{_host_prefix(name)}{os.getpid()}-"
 
 
 def _alive(pid: int) -> bool:
@@ -78,7 +82,7 @@ def sweep_stale_temporaries(target: str | Path, *, marker: str | None = None) ->
     Temporaries of live processes and of other hosts (a shared file system) are left alone: only their own host
     can tell whether their writer still runs."""
     target = Path(target)
-    prefix = f".{target.name}.tmp-{socket.gethostname()}-"
+    prefix = _host_prefix(target.name)
     removed = []
     for path in target.parent.glob(f".{target.name}.tmp-*"):
         pid = path.name[len(prefix):].split("-", 1)[0] if path.name.startswith(prefix) else ""
